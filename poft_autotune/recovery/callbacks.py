@@ -1,0 +1,79 @@
+"""Callbacks that keep compression invariants while the Trainer runs its own loop.
+
+Order per optimizer step in the Trainer: backward (pruned gradients already masked by tensor hooks)
+-> gradient clipping -> ``on_pre_optimizer_step`` -> ``optimizer.step`` -> ``on_optimizer_step``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from poft_autotune.compression.base import compressed_layers, ensure_mask_hook_, get_mask, get_quant, refresh_
+
+
+class CompressionCallback(TrainerCallback):
+    """Keep pruned weights at zero and quantized weights on their grid, with a straight-through update.
+
+    Quantized layers: just before ``optimizer.step`` the latent full-precision weight is swapped into
+    the parameter, so AdamW (weight decay included) updates the latent using the gradient taken at the
+    quantized weight; right after, the parameter is re-projected onto the grid. One quantization per
+    optimizer step, none per forward. Pruned layers: gradients are masked at backward time by the hook
+    ``set_mask_`` installed, so the pruned entries and their AdamW moments stay exactly 0; the mask is
+    re-applied after the step regardless, as a guard against optimizers that move zero-gradient weights.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._layers = list(compressed_layers(model).values())
+        self._quantized = [layer for layer in self._layers if get_quant(layer) is not None]
+        self._masked_only = [
+            layer for layer in self._layers if get_quant(layer) is None and get_mask(layer) is not None
+        ]
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        for layer in self._layers:  # weights made trainable after compression still get their hooks
+            ensure_mask_hook_(layer)
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        with torch.no_grad():
+            for layer in self._quantized:
+                if layer.weight.requires_grad:
+                    layer.weight.data.copy_(layer.poft_latent)
+
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        with torch.no_grad():
+            for layer in self._quantized:
+                if layer.weight.requires_grad:
+                    layer.poft_latent.copy_(layer.weight.data)
+                    refresh_(layer)
+            for layer in self._masked_only:
+                layer.weight.data.mul_(layer.poft_mask)
+
+
+class NonFiniteLossCallback(TrainerCallback):
+    """Stop training as soon as a logged loss is NaN or infinite; the trial is then recorded as failed."""
+
+    def __init__(self) -> None:
+        self.bad_loss: float | None = None
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not torch.isfinite(torch.tensor(float(loss))):
+            self.bad_loss = float(loss)
+            control.should_training_stop = True

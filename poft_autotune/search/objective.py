@@ -1,0 +1,164 @@
+"""One trial: ``run_trial(plan, context) -> TrialResult``. Pure apart from the time it takes.
+
+fresh copy of the base -> compress_ -> evaluate (after compression) -> RecoveryTrainer.train() ->
+strip to the shipped form -> evaluate it -> size of its exported checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import shutil
+import tempfile
+import time
+from typing import Any
+
+from torch import nn
+from transformers import PrinterCallback, TrainingArguments, set_seed
+
+from poft_autotune.compression import compress_
+from poft_autotune.compression.base import strip_
+from poft_autotune.data import Metric, PadCollator, evaluate_model
+from poft_autotune.errors import TrialFailedError
+from poft_autotune.recovery import CompressionCallback, NonFiniteLossCallback, RecoveryTrainer
+from poft_autotune.search.space import TrialPlan
+from poft_autotune.size import checkpoint_size
+
+
+@dataclasses.dataclass
+class TrialContext:
+    """What every trial of a study shares; built once per worker."""
+
+    base_model: nn.Module  # dense, never modified; also the distillation teacher
+    train_dataset: Any
+    eval_dataset: Any
+    metric: Metric
+    collator: PadCollator
+    training_args: TrainingArguments
+    dense_metric: float
+    eval_batch_size: int = 32
+
+
+@dataclasses.dataclass
+class TrialResult:
+    """The measured numbers of one trial. Metrics are of the evaluated (shipped) model."""
+
+    size_bytes: int
+    size_breakdown: dict[str, int]
+    metric_name: str
+    greater_is_better: bool
+    dense_metric: float
+    compressed_metric: float
+    recovered_metric: float
+    recovery_steps: int
+    timings: dict[str, float]
+    train_loss: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def retained(self) -> float:
+        """Fraction of the dense metric kept (``dense / recovered`` for lower-is-better metrics)."""
+        if self.greater_is_better:
+            return self.recovered_metric / self.dense_metric if self.dense_metric else math.nan
+        return self.dense_metric / self.recovered_metric if self.recovered_metric else math.nan
+
+    @property
+    def recovered_fraction(self) -> float | None:
+        """``(recovered - compressed) / (dense - compressed)``: the share of the compression loss won back."""
+        gap = self.dense_metric - self.compressed_metric
+        if gap == 0:
+            return None
+        return (self.recovered_metric - self.compressed_metric) / gap
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["retained"] = self.retained
+        out["recovered_fraction"] = self.recovered_fraction
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrialResult:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def recovery_arguments(template: TrainingArguments, plan: TrialPlan, output_dir: str) -> TrainingArguments:
+    """The user's TrainingArguments with the plan's recovery settings; no checkpoints, no reporting."""
+    steps = plan.recovery.steps
+    return dataclasses.replace(
+        template,
+        output_dir=output_dir,
+        max_steps=steps,
+        learning_rate=plan.recovery.learning_rate,
+        seed=plan.seed,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        logging_strategy="steps",
+        logging_steps=max(1, steps // 10),
+    )
+
+
+def run_trial(plan: TrialPlan, context: TrialContext) -> TrialResult:
+    """Run ``plan`` on a fresh copy of the base model and measure the shipped result.
+
+    Raises ``TrialFailedError`` when recovery diverges (non-finite loss).
+    """
+    timings: dict[str, float] = {}
+    set_seed(plan.seed)
+    start = time.perf_counter()
+    model = copy.deepcopy(context.base_model)
+    model.train()
+    if plan.compression:
+        compress_(model, plan.compression)
+    timings["compress_s"] = time.perf_counter() - start
+
+    def measure(key: str) -> float:
+        t = time.perf_counter()
+        value = evaluate_model(model, context.eval_dataset, context.metric, context.collator, context.eval_batch_size)
+        timings[key] = time.perf_counter() - t
+        return value
+
+    compressed_metric = measure("eval_compressed_s")
+    train_loss: list[float] = []
+    t = time.perf_counter()
+    if plan.recovery.steps > 0:
+        output_dir = tempfile.mkdtemp(prefix="poft-trial-")
+        guard = NonFiniteLossCallback()
+        try:
+            trainer = RecoveryTrainer(
+                model=model,
+                args=recovery_arguments(context.training_args, plan, output_dir),
+                train_dataset=context.train_dataset,
+                data_collator=context.collator,
+                teacher=context.base_model if plan.recovery.distill_weight > 0 else None,
+                distill_weight=plan.recovery.distill_weight,
+                temperature=plan.recovery.temperature,
+                callbacks=[CompressionCallback(model), guard],
+            )
+            trainer.remove_callback(PrinterCallback)  # we log one line per trial instead of raw dicts
+            trainer.train()
+            train_loss = [float(log["loss"]) for log in trainer.state.log_history if "loss" in log]
+        finally:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        if guard.bad_loss is not None:
+            raise TrialFailedError(f"recovery diverged: training loss became {guard.bad_loss}")
+    timings["recover_s"] = time.perf_counter() - t
+    size = checkpoint_size(model)
+    strip_(model)  # the shipped form: plain parameters, no masks, latents or hooks
+    recovered_metric = measure("eval_recovered_s") if plan.recovery.steps > 0 else compressed_metric
+    timings["total_s"] = time.perf_counter() - start
+    if not math.isfinite(recovered_metric):
+        raise TrialFailedError(f"the recovered model's {context.metric.name} is {recovered_metric}")
+    return TrialResult(
+        size_bytes=size.total,
+        size_breakdown=size.as_dict(),
+        metric_name=context.metric.name,
+        greater_is_better=context.metric.greater_is_better,
+        dense_metric=context.dense_metric,
+        compressed_metric=compressed_metric,
+        recovered_metric=recovered_metric,
+        recovery_steps=plan.recovery.steps,
+        timings=timings,
+        train_loss=train_loss,
+    )

@@ -1,0 +1,150 @@
+"""The search space and the plan a trial runs: ``suggest_plan(trial, space) -> TrialPlan``.
+
+Optuna parameter names are stable and namespaced (``method``, ``<method>.<field>``,
+``recovery.<field>``), so a stored trial can be replayed with ``optuna.trial.FixedTrial(params)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import optuna
+from torch import nn
+
+from poft_autotune.compression import available_methods, config_from_dict, get_method
+from poft_autotune.compression.base import CompressionConfig, select_layers
+from poft_autotune.errors import InvalidConfigError
+
+DENSE = "none"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RecoveryConfig:
+    """How a compressed model is fine-tuned back. ``steps=0`` ships it as compressed.
+
+    ``distill_weight`` w mixes the loss as ``(1 - w) * task + w * KD`` with temperature ``temperature``.
+    """
+
+    steps: int = 50
+    learning_rate: float = 5e-5
+    distill_weight: float = 0.0
+    temperature: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 0:
+            raise InvalidConfigError(f"`recovery.steps` must be an integer >= 0, got {self.steps!r}.")
+        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
+            raise InvalidConfigError(f"`recovery.learning_rate` must be > 0, got {self.learning_rate!r}.")
+        if not 0 <= self.distill_weight <= 1:
+            raise InvalidConfigError(f"`recovery.distill_weight` must be in [0, 1], got {self.distill_weight!r}.")
+        if not self.temperature > 0:
+            raise InvalidConfigError(f"`recovery.temperature` must be > 0, got {self.temperature!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialPlan:
+    """What one trial does: compression configs (applied in order), recovery, and the seed."""
+
+    compression: tuple[CompressionConfig, ...]
+    recovery: RecoveryConfig
+    seed: int = 0
+
+    @property
+    def label(self) -> str:
+        return "+".join(c.short() for c in self.compression) or "dense"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "compression": [c.to_dict() for c in self.compression],
+            "recovery": self.recovery.to_dict(),
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrialPlan:
+        return cls(
+            compression=tuple(config_from_dict(c) for c in data.get("compression", [])),
+            recovery=RecoveryConfig(**data.get("recovery", {})),
+            seed=int(data.get("seed", 0)),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+    """Which plans a search may propose.
+
+    ``methods``: method combinations, each a ``+``-joined sequence applied in order (``"prune+quantize"``).
+    ``choices``: per method, overrides of its suggest ranges (e.g. ``{"quantize": {"bits": (3, 8)}}``).
+    Recovery ranges: ``steps`` (int, low..high), ``learning_rate`` (log-uniform), ``distill_weight``,
+    ``temperature``; a range with low == high fixes the value.
+    """
+
+    methods: tuple[str, ...] = ("quantize", "prune", "nm", "prune+quantize")
+    choices: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    steps: tuple[int, int] = (20, 100)
+    learning_rate: tuple[float, float] = (1e-5, 5e-4)
+    distill_weight: tuple[float, float] = (0.0, 1.0)
+    temperature: tuple[float, float] = (1.0, 4.0)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.methods, str):
+            object.__setattr__(self, "methods", (self.methods,))
+        object.__setattr__(self, "methods", tuple(self.methods))
+        if not self.methods:
+            raise InvalidConfigError(f"`methods` must name at least one method; available: {available_methods()}.")
+        for combo in self.methods:
+            for name in combo.split("+"):
+                get_method(name)  # unknown names raise, listing what exists
+        for name in self.choices:
+            get_method(name)
+        for field in ("steps", "learning_rate", "distill_weight", "temperature"):
+            low, high = getattr(self, field)
+            if low > high:
+                raise InvalidConfigError(f"`{field}` range must have low <= high, got {(low, high)!r}.")
+        if self.steps[0] < 0 or self.learning_rate[0] <= 0:
+            raise InvalidConfigError(
+                f"`steps` must be >= 0 and `learning_rate` > 0, got steps={self.steps!r}, "
+                f"learning_rate={self.learning_rate!r}."
+            )
+
+    def fitted_to(self, model: nn.Module) -> SearchSpace:
+        """Restrict default choices to what the model's layers allow (e.g. group sizes dividing them)."""
+        choices = {k: dict(v) for k, v in self.choices.items()}
+        quantize = choices.setdefault("quantize", {})
+        if "group_size" not in quantize:
+            dims = {layer.in_features for layer in select_layers(model, None).values()}
+            quantize["group_size"] = [None] + [g for g in (32, 64, 128) if dims and all(d % g == 0 for d in dims)]
+        nm = choices.setdefault("nm", {})
+        if "pattern" not in nm:
+            dims = {layer.in_features for layer in select_layers(model, None).values()}
+            nm["pattern"] = [p for p in ("2:4", "4:8") if all(d % int(p.split(":")[1]) == 0 for d in dims)] or ["2:4"]
+        return dataclasses.replace(self, choices=choices)
+
+
+def _suggest_range(trial: optuna.Trial, name: str, bounds: Sequence[float], log: bool = False) -> float:
+    low, high = bounds
+    if low == high:
+        return low
+    return trial.suggest_float(name, low, high, log=log)
+
+
+def suggest_plan(trial: optuna.Trial, space: SearchSpace, seed: int = 0) -> TrialPlan:
+    """Draw a plan from ``trial``. Replay a stored trial with ``suggest_plan(FixedTrial(params), space)``."""
+    combo = trial.suggest_categorical("method", list(space.methods))
+    configs = tuple(
+        get_method(name).config_cls.suggest(trial, space.choices.get(name, {})) for name in combo.split("+")
+    )
+    low, high = space.steps
+    steps = low if low == high else trial.suggest_int("recovery.steps", low, high)
+    recovery = RecoveryConfig(
+        steps=int(steps),
+        learning_rate=_suggest_range(trial, "recovery.learning_rate", space.learning_rate, log=True),
+        distill_weight=_suggest_range(trial, "recovery.distill_weight", space.distill_weight),
+        temperature=_suggest_range(trial, "recovery.temperature", space.temperature),
+    )
+    return TrialPlan(compression=configs, recovery=recovery, seed=seed)
