@@ -1,0 +1,136 @@
+"""End-to-end: autotune on a tiny Llama and a tiny BERT; the front is honest and rebuildable."""
+
+import optuna
+import pytest
+import torch
+from transformers import Trainer
+
+from poft_autotune import ParetoFront, SearchSpace, TrialPlan, autotune, run_trial
+from poft_autotune.autotune import DENSE_ATTR
+from poft_autotune.data import CAUSAL_LM, CLASSIFICATION, PadCollator, prepare_dataset, resolve_metric
+from poft_autotune.pareto import PLAN_ATTR, RESULT_ATTR
+from poft_autotune.search.objective import TrialContext
+from poft_autotune.size import checkpoint_size
+from poft_autotune.testing import classification_dataset, lm_dataset, tiny_bert, tiny_llama, tiny_training_args
+
+SPACE = SearchSpace(methods=("quantize", "prune", "nm", "prune+quantize"), steps=(2, 6), learning_rate=(1e-4, 3e-3))
+
+
+def _pretrained(model, data, task, tmp_path, steps=40):
+    """Train the tiny model a little first, so that compression has something to lose."""
+    args = tiny_training_args(str(tmp_path / "pre"), max_steps=steps, learning_rate=3e-3)
+    Trainer(model=model, args=args, train_dataset=data, data_collator=PadCollator(0, task)).train()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def llama_study(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("llama")
+    train, evaluation = lm_dataset(64), lm_dataset(32, seed=1)
+    model = _pretrained(tiny_llama(), train, CAUSAL_LM, tmp)
+    storage = f"sqlite:///{tmp}/study.db"
+    front = autotune(
+        model, train, evaluation, n_trials=5, space=SPACE, storage=storage, study_name="llama",
+        training_args=tiny_training_args(str(tmp / "out")), output_dir=tmp, show_progress=False,
+    )
+    return model, train, evaluation, storage, front, tmp
+
+
+def _non_dominated(points, greater):
+    def better_or_equal(a, b):
+        ma, mb = (a[1], b[1]) if greater else (-a[1], -b[1])
+        return a[0] <= b[0] and ma >= mb
+
+    return [p for p in points if not any(better_or_equal(q, p) and q != p for q in points)]
+
+
+def _check_front(front, study):
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    values = [(t.values[0], t.values[1]) for t in complete]
+    expected = sorted(set(_non_dominated(values, front.greater_is_better)))
+    assert sorted(set((p.size_bytes, p.metric) for p in front)) == expected
+    assert [p.size_bytes for p in front] == sorted(p.size_bytes for p in front)
+    for trial in complete:
+        assert PLAN_ATTR in trial.user_attrs and RESULT_ATTR in trial.user_attrs
+        result = trial.user_attrs[RESULT_ATTR]
+        assert trial.values[0] == result["size_bytes"] and trial.values[1] == result["recovered_metric"]
+
+
+def test_llama_front_is_non_dominated_and_rebuilt_from_storage(llama_study):
+    model, _, _, storage, front, tmp = llama_study
+    study = optuna.load_study(study_name="llama", storage=storage)
+    assert len(study.trials) == 6  # dense + 5
+    assert study.metric_names == ["size_bytes", "perplexity"]
+    assert study.directions[1] == optuna.study.StudyDirection.MINIMIZE
+    _check_front(front, study)
+    rebuilt = ParetoFront.from_study(study)
+    assert rebuilt.to_json() == front.to_json()
+    assert (tmp / "llama" / "front.json").exists() and "| trial |" in (tmp / "llama" / "report.md").read_text()
+    dense = study.trials[0]
+    assert dense.user_attrs[PLAN_ATTR]["compression"] == []
+    assert dense.values[0] == checkpoint_size(model).total
+    assert study.user_attrs[DENSE_ATTR]["metric"] == dense.values[1]
+    assert any(p.size_bytes < dense.values[0] for p in front), "no compressed point reached the front"
+
+
+def test_llama_numbers_match_rerunning_the_stored_plan(llama_study, tmp_path):
+    model, train, evaluation, storage, front, _ = llama_study
+    study = optuna.load_study(study_name="llama", storage=storage)
+    metric = resolve_metric(None, CAUSAL_LM)
+    context = TrialContext(
+        base_model=model,
+        train_dataset=prepare_dataset(train, CAUSAL_LM),
+        eval_dataset=prepare_dataset(evaluation, CAUSAL_LM),
+        metric=metric,
+        collator=PadCollator(0, CAUSAL_LM),
+        training_args=tiny_training_args(str(tmp_path)),
+        dense_metric=study.user_attrs[DENSE_ATTR]["metric"],
+    )
+    point = next(p for p in front if not p.is_dense)
+    again = run_trial(TrialPlan.from_dict(point.plan), context)
+    assert again.size_bytes == point.size_bytes
+    assert again.compressed_metric == pytest.approx(point.result["compressed_metric"], rel=1e-5)
+    assert again.recovered_metric == pytest.approx(point.metric, rel=1e-4)
+    # The stored params replay to the same plan through the search space.
+    from poft_autotune.search.space import suggest_plan
+
+    trial = study.trials[point.trial_number]
+    replay = suggest_plan(optuna.trial.FixedTrial(trial.params), SPACE.fitted_to(model), seed=point.plan["seed"])
+    assert replay.to_dict() == point.plan
+
+
+def test_resume_adds_trials_without_reevaluating_dense(llama_study, monkeypatch):
+    model, train, evaluation, storage, _, tmp = llama_study
+    import sys
+
+    module = sys.modules["poft_autotune.autotune"]  # the package attribute of that name is the function
+    calls = []
+    real = module.evaluate_model
+    monkeypatch.setattr(module, "evaluate_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    autotune(
+        model, train, evaluation, n_trials=1, space=SPACE, storage=storage, study_name="llama",
+        training_args=tiny_training_args(str(tmp / "out")), output_dir=tmp, show_progress=False,
+    )
+    study = optuna.load_study(study_name="llama", storage=storage)
+    assert len(study.trials) == 7 and calls == []
+    assert sum(1 for t in study.trials if not t.user_attrs[PLAN_ATTR]["compression"]) == 1
+
+
+def test_bert_classifier_end_to_end(tmp_path):
+    train, evaluation = classification_dataset(96), classification_dataset(48, seed=1)
+    model = _pretrained(tiny_bert(), prepare_dataset(train, CLASSIFICATION), CLASSIFICATION, tmp_path, steps=60)
+    front = autotune(
+        model, train, evaluation, metric="accuracy", n_trials=4, space=SPACE, study_name="bert",
+        training_args=tiny_training_args(str(tmp_path / "out")), output_dir=tmp_path, show_progress=False,
+    )
+    study = optuna.load_study(study_name="bert", storage=f"sqlite:///{tmp_path}/bert.db")
+    assert study.directions[1] == optuna.study.StudyDirection.MAXIMIZE
+    _check_front(front, study)
+    dense_acc = study.user_attrs[DENSE_ATTR]["metric"]
+    assert dense_acc > 0.7, "the pretrained tiny classifier should beat chance clearly"
+    for trial in study.trials[1:]:
+        result = trial.user_attrs[RESULT_ATTR]
+        assert 0 <= result["recovered_metric"] <= 1
+        assert result["retained"] == pytest.approx(result["recovered_metric"] / dense_acc)
+        assert result["size_bytes"] < study.trials[0].values[0]
+        assert set(result["timings"]) >= {"compress_s", "recover_s", "eval_compressed_s", "eval_recovered_s"}
