@@ -7,17 +7,25 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 from torch import nn
 from transformers import TrainingArguments
 
-from poft_autotune.data import CAUSAL_LM, Metric, PadCollator, detect_task, evaluate_model, prepare_dataset, resolve_metric
+from poft_autotune.data import (
+    CAUSAL_LM,
+    Metric,
+    PadCollator,
+    detect_task,
+    evaluate_model,
+    prepare_dataset,
+    resolve_metric,
+)
 from poft_autotune.errors import InvalidConfigError, PoftError
 from poft_autotune.pareto import PLAN_ATTR, RESULT_ATTR, ParetoFront
 from poft_autotune.search.objective import TrialContext, TrialResult, run_trial
-from poft_autotune.search.space import SearchSpace, TrialPlan, RecoveryConfig, suggest_plan
+from poft_autotune.search.space import RecoveryConfig, SearchSpace, TrialPlan, suggest_plan
 from poft_autotune.size import checkpoint_size
 
 logger = logging.getLogger("poft_autotune")
@@ -34,7 +42,9 @@ def load_model(model: str | os.PathLike[str] | nn.Module, num_labels: int | None
     if isinstance(model, nn.Module):
         return model, None
     if not isinstance(model, (str, os.PathLike)):
-        raise InvalidConfigError(f"`model` must be a Hub id, a local path or a PreTrainedModel, got {type(model).__name__}.")
+        raise InvalidConfigError(
+            f"`model` must be a Hub id, a local path or a PreTrainedModel, got {type(model).__name__}."
+        )
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     try:
@@ -61,7 +71,9 @@ def load_model(model: str | os.PathLike[str] | nn.Module, num_labels: int | None
 def _default_args(training_args: TrainingArguments | None) -> TrainingArguments:
     if training_args is not None:
         if not isinstance(training_args, TrainingArguments):
-            raise InvalidConfigError(f"`training_args` must be a TrainingArguments, got {type(training_args).__name__}.")
+            raise InvalidConfigError(
+                f"`training_args` must be a TrainingArguments, got {type(training_args).__name__}."
+            )
         return training_args
     import tempfile
 
@@ -87,7 +99,10 @@ def _study(
     if storage is None:
         output_dir.mkdir(parents=True, exist_ok=True)
         storage = f"sqlite:///{output_dir / study_name}.db"
-    directions = ["minimize", "maximize" if metric.greater_is_better else "minimize"]
+    directions: list[Literal["minimize", "maximize"]] = [
+        "minimize",
+        "maximize" if metric.greater_is_better else "minimize",
+    ]
     try:
         study = optuna.create_study(
             study_name=study_name,
@@ -164,12 +179,19 @@ def autotune(
     tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
     task = detect_task(base)
     resolved = resolve_metric(metric, task, greater_is_better)
-    head = getattr(base.config, "num_labels", None) if task != CAUSAL_LM else None
-    common = {"tokenizer": tokenizer, "text_column": text_column, "label_column": label_column, "max_length": max_length, "num_labels": head}
+    head = getattr(getattr(base, "config", None), "num_labels", None) if task != CAUSAL_LM else None
+    common = {
+        "tokenizer": tokenizer,
+        "text_column": text_column,
+        "label_column": label_column,
+        "max_length": max_length,
+        "num_labels": head,
+    }
     train = prepare_dataset(train_dataset, task, split="train_dataset", **common)
     evaluation = prepare_dataset(eval_dataset, task, split="eval_dataset", **common)
     space = space.fitted_to(base)
-    pad_id = base.config.pad_token_id
+    model_config: Any = getattr(base, "config", None)
+    pad_id = getattr(model_config, "pad_token_id", None)
     if pad_id is None and tokenizer is not None:
         pad_id = tokenizer.pad_token_id
     collator = PadCollator(int(pad_id or 0), task)
@@ -183,8 +205,17 @@ def autotune(
         dense_metric = evaluate_model(base, evaluation, resolved, collator, eval_batch_size)
         size = checkpoint_size(base)
         plan = TrialPlan(compression=(), recovery=RecoveryConfig(steps=0), seed=seed)
-        result = TrialResult(size.total, size.as_dict(), resolved.name, resolved.greater_is_better, dense_metric,
-                             dense_metric, dense_metric, 0, {})
+        result = TrialResult(
+            size.total,
+            size.as_dict(),
+            resolved.name,
+            resolved.greater_is_better,
+            dense_metric,
+            dense_metric,
+            dense_metric,
+            0,
+            {},
+        )
         study.add_trial(
             optuna.trial.create_trial(
                 values=[size.total, dense_metric],
@@ -225,9 +256,10 @@ def autotune(
                     f"{result.dense_metric:.4g} -> compressed {result.compressed_metric:.4g} -> recovered "
                     f"{result.recovered_metric:.4g} ({100 * result.retained:.1f} % retained, {plan.recovery.steps} steps)"
                 )
-                logger.info(message)
                 if progress is not None:
-                    progress.write(message)
+                    progress.write(message)  # above the bar; logging too would print it twice
+                else:
+                    logger.info(message)
             if progress is not None:
                 progress.update(1)
     finally:

@@ -131,7 +131,9 @@ def resolve_metric(
     if callable(metric):
         name = getattr(metric, "__name__", "metric")
         fn = metric
-        return Metric(name, True if greater_is_better is None else greater_is_better, lambda p, r: _scalar(fn(p, r), name))
+        return Metric(
+            name, True if greater_is_better is None else greater_is_better, lambda p, r: _scalar(fn(p, r), name)
+        )
     if not isinstance(metric, str) or not metric:
         raise InvalidConfigError(f"`metric` must be a name, a module path or a callable, got {metric!r}.")
     if metric == "perplexity":
@@ -139,7 +141,9 @@ def resolve_metric(
             raise InvalidConfigError("Metric 'perplexity' needs a causal LM; use e.g. 'accuracy' for classifiers.")
         return Metric("perplexity", False if greater_is_better is None else greater_is_better, None)
     compute = _BUILTIN.get(metric) or _from_evaluate(metric)
-    return Metric(metric.rsplit("/", 1)[-1].removesuffix(".py"), True if greater_is_better is None else greater_is_better, compute)
+    return Metric(
+        metric.rsplit("/", 1)[-1].removesuffix(".py"), True if greater_is_better is None else greater_is_better, compute
+    )
 
 
 class PadCollator:
@@ -235,7 +239,9 @@ def prepare_dataset(
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, dataset: Any, metric: Metric, collator: PadCollator, batch_size: int = 32) -> float:
+def evaluate_model(
+    model: nn.Module, dataset: Any, metric: Metric, collator: PadCollator, batch_size: int = 32
+) -> float:
     """The metric of ``model`` on ``dataset``, in batches with dynamic padding."""
     was_training = model.training
     model.eval()
@@ -253,9 +259,7 @@ def evaluate_model(model: nn.Module, dataset: Any, metric: Metric, collator: Pad
                 logits, labels = logits[:, :-1], labels[:, 1:]
                 valid = labels != -100
                 if metric.is_perplexity:
-                    losses = torch.nn.functional.cross_entropy(
-                        logits[valid], labels[valid], reduction="sum"
-                    )
+                    losses = torch.nn.functional.cross_entropy(logits[valid], labels[valid], reduction="sum")
                     nll += float(losses)
                     count += int(valid.sum())
                 else:

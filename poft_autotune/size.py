@@ -84,7 +84,9 @@ class SizeBreakdown:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "bits_per_weight"}
 
 
-def _quantized_specs(prefix: str, out: int, inp: int, grid: object, dtype: torch.dtype, nnz: int | None) -> list[TensorSpec]:
+def _quantized_specs(
+    prefix: str, out: int, inp: int, grid: object, dtype: torch.dtype, nnz: int | None
+) -> list[TensorSpec]:
     bits: int = grid.bits  # type: ignore[attr-defined]
     groups = 1 if grid.group_size is None else inp // grid.group_size  # type: ignore[attr-defined]
     symmetric: bool = grid.symmetric  # type: ignore[attr-defined]
@@ -95,7 +97,9 @@ def _quantized_specs(prefix: str, out: int, inp: int, grid: object, dtype: torch
             TensorSpec(f"{prefix}.weight_shape", torch.int64, (2,), SCALES),
         ]
         if not symmetric:
-            specs.append(TensorSpec(f"{prefix}.weight_zero_point", torch.int32, (math.ceil(out * bits / 32), groups), SCALES))
+            specs.append(
+                TensorSpec(f"{prefix}.weight_zero_point", torch.int32, (math.ceil(out * bits / 32), groups), SCALES)
+            )
     elif bits == 8:
         specs.append(TensorSpec(f"{prefix}.weight", torch.int8, (out, inp), PACKED))
         if not symmetric:
@@ -106,7 +110,9 @@ def _quantized_specs(prefix: str, out: int, inp: int, grid: object, dtype: torch
             TensorSpec(f"{prefix}.weight_shape", torch.int64, (2,), SCALES),
         ]
         if not symmetric:
-            specs.append(TensorSpec(f"{prefix}.weight_zero_point", torch.int32, (math.ceil(out * bits / 32), groups), SCALES))
+            specs.append(
+                TensorSpec(f"{prefix}.weight_zero_point", torch.int32, (math.ceil(out * bits / 32), groups), SCALES)
+            )
     return specs
 
 
@@ -156,7 +162,11 @@ def safetensors_bytes(specs: Iterable[TensorSpec], metadata: dict[str, str] | No
     header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
     for spec in ordered:
-        header[spec.name] = {"dtype": _ST_DTYPES[spec.dtype][0], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        header[spec.name] = {
+            "dtype": _ST_DTYPES[spec.dtype][0],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
         offset += spec.nbytes
     header_bytes = 8 + math.ceil(len(json.dumps(header, separators=(",", ":")).encode()) / 8) * 8
     return header_bytes + offset, header_bytes
@@ -165,7 +175,7 @@ def safetensors_bytes(specs: Iterable[TensorSpec], metadata: dict[str, str] | No
 def checkpoint_size(model: nn.Module) -> SizeBreakdown:
     """Size of ``model``'s exported checkpoint in bytes, with its breakdown. Example::
 
-        checkpoint_size(model).total  # what `du -b` of the weight file(s) will say
+    checkpoint_size(model).total  # what `du -b` of the weight file(s) will say
     """
     specs = checkpoint_layout(model)
     total, header = safetensors_bytes(specs)

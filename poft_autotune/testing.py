@@ -17,7 +17,7 @@ from transformers import (
 def tiny_llama(seed: int = 0, **overrides: Any) -> LlamaForCausalLM:
     """A 2-layer Llama with hidden size 32 (about 60k parameters)."""
     torch.manual_seed(seed)
-    config = dict(
+    config: dict[str, Any] = dict(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -34,7 +34,7 @@ def tiny_llama(seed: int = 0, **overrides: Any) -> LlamaForCausalLM:
 def tiny_bert(seed: int = 0, num_labels: int = 2, **overrides: Any) -> BertForSequenceClassification:
     """A 2-layer BERT sequence classifier with hidden size 32."""
     torch.manual_seed(seed)
-    config = dict(
+    config: dict[str, Any] = dict(
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=4,

@@ -44,7 +44,9 @@ def finetuned_base(train, steps: int) -> Path:
         disable_tqdm=True,
         seed=0,
     )
-    Trainer(model=model, args=args, train_dataset=data, data_collator=PadCollator(tokenizer.pad_token_id, CLASSIFICATION)).train()
+    Trainer(
+        model=model, args=args, train_dataset=data, data_collator=PadCollator(tokenizer.pad_token_id, CLASSIFICATION)
+    ).train()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

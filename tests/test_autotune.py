@@ -2,7 +2,6 @@
 
 import optuna
 import pytest
-import torch
 from transformers import Trainer
 
 from poft_autotune import ParetoFront, SearchSpace, TrialPlan, autotune, run_trial
@@ -30,8 +29,16 @@ def llama_study(tmp_path_factory):
     model = _pretrained(tiny_llama(), train, CAUSAL_LM, tmp)
     storage = f"sqlite:///{tmp}/study.db"
     front = autotune(
-        model, train, evaluation, n_trials=5, space=SPACE, storage=storage, study_name="llama",
-        training_args=tiny_training_args(str(tmp / "out")), output_dir=tmp, show_progress=False,
+        model,
+        train,
+        evaluation,
+        n_trials=5,
+        space=SPACE,
+        storage=storage,
+        study_name="llama",
+        training_args=tiny_training_args(str(tmp / "out")),
+        output_dir=tmp,
+        show_progress=False,
     )
     return model, train, evaluation, storage, front, tmp
 
@@ -108,8 +115,16 @@ def test_resume_adds_trials_without_reevaluating_dense(llama_study, monkeypatch)
     real = module.evaluate_model
     monkeypatch.setattr(module, "evaluate_model", lambda *a, **k: calls.append(1) or real(*a, **k))
     autotune(
-        model, train, evaluation, n_trials=1, space=SPACE, storage=storage, study_name="llama",
-        training_args=tiny_training_args(str(tmp / "out")), output_dir=tmp, show_progress=False,
+        model,
+        train,
+        evaluation,
+        n_trials=1,
+        space=SPACE,
+        storage=storage,
+        study_name="llama",
+        training_args=tiny_training_args(str(tmp / "out")),
+        output_dir=tmp,
+        show_progress=False,
     )
     study = optuna.load_study(study_name="llama", storage=storage)
     assert len(study.trials) == 7 and calls == []
@@ -120,8 +135,16 @@ def test_bert_classifier_end_to_end(tmp_path):
     train, evaluation = classification_dataset(96), classification_dataset(48, seed=1)
     model = _pretrained(tiny_bert(), prepare_dataset(train, CLASSIFICATION), CLASSIFICATION, tmp_path, steps=60)
     front = autotune(
-        model, train, evaluation, metric="accuracy", n_trials=4, space=SPACE, study_name="bert",
-        training_args=tiny_training_args(str(tmp_path / "out")), output_dir=tmp_path, show_progress=False,
+        model,
+        train,
+        evaluation,
+        metric="accuracy",
+        n_trials=4,
+        space=SPACE,
+        study_name="bert",
+        training_args=tiny_training_args(str(tmp_path / "out")),
+        output_dir=tmp_path,
+        show_progress=False,
     )
     study = optuna.load_study(study_name="bert", storage=f"sqlite:///{tmp_path}/bert.db")
     assert study.directions[1] == optuna.study.StudyDirection.MAXIMIZE

@@ -10,10 +10,10 @@ from poft_autotune.compression import config_from_dict, get_method, select_layer
 from poft_autotune.compression.base import get_mask, get_quant
 from poft_autotune.compression.prune import NMConfig, PruneConfig
 from poft_autotune.compression.quantize import QuantizeConfig
+from poft_autotune.data import CAUSAL_LM, PadCollator
 from poft_autotune.recovery import CompressionCallback, RecoveryTrainer
 from poft_autotune.size import checkpoint_size
 from poft_autotune.testing import lm_dataset, tiny_llama, tiny_training_args
-from poft_autotune.data import CAUSAL_LM, PadCollator
 
 # A config per method that compresses the tiny Llama (hidden 32, intermediate 64) noticeably.
 EXAMPLES = {
@@ -75,11 +75,19 @@ def test_invariant_survives_training(config, tmp_path):
     layers = {n: layer for n, layer in select_layers(model, None).items()}
     before = {n: layer.weight.detach().clone() for n, layer in layers.items()}
     args = tiny_training_args(
-        str(tmp_path), max_steps=20, gradient_accumulation_steps=2, weight_decay=0.1, learning_rate=1e-2,
-        per_device_train_batch_size=4, max_grad_norm=1.0,
+        str(tmp_path),
+        max_steps=20,
+        gradient_accumulation_steps=2,
+        weight_decay=0.1,
+        learning_rate=1e-2,
+        per_device_train_batch_size=4,
+        max_grad_norm=1.0,
     )
     trainer = RecoveryTrainer(
-        model=model, args=args, train_dataset=lm_dataset(64), data_collator=PadCollator(0, CAUSAL_LM),
+        model=model,
+        args=args,
+        train_dataset=lm_dataset(64),
+        data_collator=PadCollator(0, CAUSAL_LM),
         callbacks=[CompressionCallback(model)],
     )
     trainer.train()

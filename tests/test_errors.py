@@ -59,8 +59,14 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(case, tmp_path):
     kwargs = dict(kwargs)
     if "training_args_override" in kwargs:
         with pytest.raises(InvalidConfigError, match=match):
-            autotune(tiny_bert(), classification_dataset(16), classification_dataset(8), n_trials=1,
-                     training_args=kwargs["training_args_override"], output_dir=tmp_path / "studies")
+            autotune(
+                tiny_bert(),
+                classification_dataset(16),
+                classification_dataset(8),
+                n_trials=1,
+                training_args=kwargs["training_args_override"],
+                output_dir=tmp_path / "studies",
+            )
     else:
         with pytest.raises(InvalidConfigError, match=match):
             _run(tmp_path, **kwargs)
@@ -72,8 +78,14 @@ def test_study_name_clash_with_other_metric(tmp_path):
     _run(tmp_path, storage=storage, study_name="s", space=SearchSpace(methods=("prune",), steps=(0, 0)))
     with pytest.raises(InvalidConfigError, match="Use another study_name"):
         autotune(
-            tiny_llama(), lm_dataset(8), lm_dataset(8, seed=1), n_trials=1, storage=storage, study_name="s",
-            training_args=tiny_training_args(str(tmp_path)), show_progress=False,
+            tiny_llama(),
+            lm_dataset(8),
+            lm_dataset(8, seed=1),
+            n_trials=1,
+            storage=storage,
+            study_name="s",
+            training_args=tiny_training_args(str(tmp_path)),
+            show_progress=False,
         )
 
 

@@ -20,12 +20,12 @@ def test_distillation_loss_matches_hand_computed_kl():
     teacher = torch.tensor([[0.0, 1.0, 0.0], [2.0, 0.0, 0.0]])
     temperature = 2.0
     expected = 0.0
-    for s_row, t_row in zip(student.tolist(), teacher.tolist()):
+    for s_row, t_row in zip(student.tolist(), teacher.tolist(), strict=True):
         zs = sum(math.exp(x / temperature) for x in s_row)
         zt = sum(math.exp(x / temperature) for x in t_row)
         p = [math.exp(x / temperature) / zt for x in t_row]
         q = [math.exp(x / temperature) / zs for x in s_row]
-        expected += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+        expected += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
     expected = temperature**2 * expected / 2
     assert distillation_loss(student, teacher, temperature).item() == pytest.approx(expected, rel=1e-6)
 
@@ -36,7 +36,9 @@ def test_distillation_loss_ignores_padding_positions():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     changed = student.clone()
     changed[mask == 0] = 100.0  # padding positions must not matter
-    assert torch.allclose(distillation_loss(student, teacher, 1.5, mask), distillation_loss(changed, teacher, 1.5, mask))
+    assert torch.allclose(
+        distillation_loss(student, teacher, 1.5, mask), distillation_loss(changed, teacher, 1.5, mask)
+    )
     per_pos = [distillation_loss(student[b, t][None], teacher[b, t][None], 1.5) for b, t in [(0, 0), (0, 1), (1, 0)]]
     assert distillation_loss(student, teacher, 1.5, mask).item() == pytest.approx(sum(per_pos).item() / 3, rel=1e-5)
 
@@ -96,15 +98,21 @@ def test_callback_update_equals_parametrized_ste_training(tmp_path):
     """Our once-per-step update is the STE: same latent weights as fake-quant-every-forward training."""
     config = QuantizeConfig(bits=4, group_size=16)
     args = tiny_training_args(
-        str(tmp_path), max_steps=6, weight_decay=0.1, learning_rate=5e-3, gradient_accumulation_steps=2,
-        per_device_train_batch_size=4, seed=0,
+        str(tmp_path),
+        max_steps=6,
+        weight_decay=0.1,
+        learning_rate=5e-3,
+        gradient_accumulation_steps=2,
+        per_device_train_batch_size=4,
+        seed=0,
     )
     data, collator = lm_dataset(48), PadCollator(0, CAUSAL_LM)
 
     ours = tiny_llama(seed=3)
     compress_(ours, [config])
-    RecoveryTrainer(model=ours, args=args, train_dataset=data, data_collator=collator,
-                    callbacks=[CompressionCallback(ours)]).train()
+    RecoveryTrainer(
+        model=ours, args=args, train_dataset=data, data_collator=collator, callbacks=[CompressionCallback(ours)]
+    ).train()
 
     reference = tiny_llama(seed=3)
     for layer in select_layers(reference, None).values():

@@ -88,7 +88,9 @@ def test_quantized_size_matches_compressed_tensors_save(config, tmp_path):
     # The checkpoint holds exactly our grid: it reloads to the logits we evaluated.
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=CompressedTensorsConfig(dequantize=True))
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
     assert torch.allclose(reloaded(torch.arange(1, 20)[None]).logits, reference, atol=1e-5)
 
 

@@ -128,7 +128,9 @@ def compress_(
     for config in resolved:
         layers = select_layers(model, config.targets)
         if not layers:
-            where = "the Linear layers of the transformer blocks" if config.targets is None else f"targets={config.targets}"
+            where = (
+                "the Linear layers of the transformer blocks" if config.targets is None else f"targets={config.targets}"
+            )
             raise InvalidConfigError(
                 f"Method {config.method!r} found no layer to compress in {type(model).__name__} ({where}). "
                 "Pass `targets` (regular expressions over module names) that match nn.Linear layers."

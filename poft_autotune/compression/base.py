@@ -66,7 +66,9 @@ class CompressionConfig:
                 try:
                     re.compile(pattern)
                 except re.error as exc:
-                    raise InvalidConfigError(f"`targets` entry {pattern!r} is not a valid regular expression: {exc}.") from exc
+                    raise InvalidConfigError(
+                        f"`targets` entry {pattern!r} is not a valid regular expression: {exc}."
+                    ) from exc
         self.validate()
 
     def validate(self) -> None:
@@ -154,8 +156,8 @@ def master_weight(layer: nn.Linear) -> torch.Tensor:
 
 def _mask_grad(layer: nn.Linear) -> Any:
     def hook(grad: torch.Tensor) -> torch.Tensor:
-        mask = layer.poft_mask
-        return grad * mask.to(grad.dtype)
+        mask = get_mask(layer)
+        return grad if mask is None else grad * mask.to(grad.dtype)
 
     return hook
 
@@ -187,7 +189,8 @@ def set_quant_(layer: nn.Linear, grid: QuantGrid) -> None:
     """Put ``layer`` under a quantizer; its current weight becomes the latent master weight."""
     if getattr(layer, "poft_latent", None) is None:
         layer.register_buffer("poft_latent", layer.weight.detach().clone(), persistent=False)
-    layer.poft_quant = grid
+    # A plain attribute, not a submodule or buffer: nn.Module.__setattr__ keeps it in __dict__.
+    object.__setattr__(layer, "poft_quant", grid)
     refresh_(layer)
 
 

@@ -12,7 +12,14 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from poft_autotune.compression.base import compressed_layers, ensure_mask_hook_, get_mask, get_quant, refresh_
+from poft_autotune.compression.base import (
+    compressed_layers,
+    ensure_mask_hook_,
+    get_mask,
+    get_quant,
+    master_weight,
+    refresh_,
+)
 
 
 class CompressionCallback(TrainerCallback):
@@ -45,7 +52,7 @@ class CompressionCallback(TrainerCallback):
         with torch.no_grad():
             for layer in self._quantized:
                 if layer.weight.requires_grad:
-                    layer.weight.data.copy_(layer.poft_latent)
+                    layer.weight.data.copy_(master_weight(layer))
 
     def on_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -53,10 +60,12 @@ class CompressionCallback(TrainerCallback):
         with torch.no_grad():
             for layer in self._quantized:
                 if layer.weight.requires_grad:
-                    layer.poft_latent.copy_(layer.weight.data)
+                    master_weight(layer).copy_(layer.weight.data)
                     refresh_(layer)
             for layer in self._masked_only:
-                layer.weight.data.mul_(layer.poft_mask)
+                mask = get_mask(layer)
+                if mask is not None:
+                    layer.weight.data.mul_(mask)
 
 
 class NonFiniteLossCallback(TrainerCallback):

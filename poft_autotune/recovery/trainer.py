@@ -93,7 +93,8 @@ class RecoveryTrainer(Trainer):
         task_is_scaled = (
             self.loss_is_scaled_for_ga
             if self.loss_is_scaled_for_ga is not None
-            else (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+            else (self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+            or self.compute_loss_func is not None
         )
         if task_is_scaled:
             kd = kd / self.current_gradient_accumulation_steps
