@@ -251,7 +251,9 @@ def evaluate_model(
     refs: list[np.ndarray] = []
     try:
         for start in range(0, len(dataset), batch_size):
-            batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            columns = dataset[start : start + batch_size]  # one columnar read per batch, not one per row
+            rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+            batch = collator(rows)
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")
             logits = model(**batch).logits.float()
@@ -271,6 +273,7 @@ def evaluate_model(
     finally:
         model.train(was_training)
     if metric.is_perplexity:
-        return math.exp(nll / max(count, 1)) if math.isfinite(nll) else math.inf
+        mean_nll = nll / max(count, 1)
+        return math.exp(mean_nll) if mean_nll < 700 else math.inf  # exp overflows a float past ~709
     assert metric.compute is not None
     return metric.compute(np.concatenate(preds), np.concatenate(refs))
