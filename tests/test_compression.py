@@ -199,3 +199,18 @@ def test_layer_checks_before_any_change(config, match):
         compress_(model, [PruneConfig(sparsity=0.5), config])
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "a failed compress_ changed the model"
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [None, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_fake_quantize_is_bit_identical_to_quantize_dequantize(bits, group_size, symmetric):
+    grid = QuantizeConfig(bits=bits, group_size=group_size, symmetric=symmetric).grid
+    w = torch.randn(16, 32) * torch.rand(16, 1) + 0.3 * (not symmetric)
+    w[0] = 0.0  # an all-zero row must not divide by zero
+    q, scale, zero = grid.quantize(w)
+    expected = grid.dequantize(q, scale, zero, w.dtype)
+    assert torch.equal(grid.fake_quantize(w), expected)
+    out = torch.empty_like(w)
+    assert grid.fake_quantize(w, out=out) is out and torch.equal(out, expected)
+    assert torch.equal(expected[0], torch.zeros(32))

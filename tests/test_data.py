@@ -28,9 +28,7 @@ def _saved_classifier(directory):
 def _reviews(n, seed):
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 2, n)
-    texts = [
-        " ".join(["the", "film", "was", "very", *rng.choice(WORDS[:4] if y else WORDS[4:8], 3)]) for y in labels
-    ]
+    texts = [" ".join(["the", "film", "was", "very", *rng.choice(WORDS[:4] if y else WORDS[4:8], 3)]) for y in labels]
     return datasets.Dataset.from_dict({"review": texts, "sentiment": labels.tolist()})
 
 

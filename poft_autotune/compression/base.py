@@ -38,7 +38,7 @@ _BLOCK_PATTERN = re.compile(r"(^|\.)\d+\.")
 class QuantGrid(Protocol):
     """What a layer needs to know about its quantizer to keep its weight on the grid."""
 
-    def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor: ...
+    def fake_quantize(self, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -157,7 +157,7 @@ def master_weight(layer: nn.Linear) -> torch.Tensor:
 def _mask_grad(layer: nn.Linear) -> Any:
     def hook(grad: torch.Tensor) -> torch.Tensor:
         mask = get_mask(layer)
-        return grad if mask is None else grad * mask.to(grad.dtype)
+        return grad if mask is None else torch.where(mask, grad, 0.0)  # one pass, no float copy of the mask
 
     return hook
 
@@ -203,10 +203,11 @@ def refresh_(layer: nn.Linear) -> None:
         if mask is not None:
             master.mul_(mask)
         if quant is not None:
-            shipped = quant.fake_quantize(master)
-            if mask is not None:
-                shipped.mul_(mask)
-            layer.weight.data.copy_(shipped)
+            # Zero is exactly on every grid (integer zero point), so masked entries stay 0.
+            if master.data_ptr() == layer.weight.data.data_ptr():
+                layer.weight.data.copy_(quant.fake_quantize(master))
+            else:
+                quant.fake_quantize(master, out=layer.weight.data)
 
 
 def strip_(model: nn.Module) -> nn.Module:

@@ -100,24 +100,30 @@ class QuantGrid:
         group = in_features if self.group_size is None else self.group_size
         return weight.float().reshape(out_features, in_features // group, group)
 
+    def _scales(self, w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        lo, hi = torch.aminmax(w, dim=-1, keepdim=True)  # one pass for both statistics
+        if self.symmetric:
+            scale = torch.maximum(-lo, hi) / (2 ** (self.bits - 1) - 1)
+        else:
+            lo = lo.clamp_max(0)
+            scale = (hi.clamp_min(0) - lo) / (2**self.bits - 1)
+        scale = scale.clamp_min(_EPS).to(dtype).float()
+        zero = None if self.symmetric else torch.clamp(torch.round(-lo / scale), 0, 2**self.bits - 1)
+        return scale, zero
+
+    def _codes(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+        """Integer codes as floats; computed in place on one buffer (this runs every optimizer step)."""
+        codes = torch.div(w, scale).round_()
+        if zero is None:
+            return codes.clamp_(-(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1)
+        return codes.add_(zero).clamp_(0, 2**self.bits - 1)
+
     def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Integer codes (int32, shape of ``weight``), scales ``[out, groups]`` and zero points (or None)."""
         w = self._grouped(weight)
-        if self.symmetric:
-            qmax = 2 ** (self.bits - 1) - 1
-            scale = w.abs().amax(dim=-1, keepdim=True) / qmax
-            scale = scale.clamp_min(_EPS).to(weight.dtype).float()
-            q = torch.clamp(torch.round(w / scale), -qmax - 1, qmax)
-            zero = None
-        else:
-            qmax = 2**self.bits - 1
-            lo = w.amin(dim=-1, keepdim=True).clamp_max(0)
-            hi = w.amax(dim=-1, keepdim=True).clamp_min(0)
-            scale = ((hi - lo) / qmax).clamp_min(_EPS).to(weight.dtype).float()
-            zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
-            q = torch.clamp(torch.round(w / scale) + zero, 0, qmax)
-            zero = zero.squeeze(-1).to(torch.int32)
-        return q.reshape(weight.shape).to(torch.int32), scale.squeeze(-1), zero
+        scale, zero = self._scales(w, weight.dtype)
+        q = self._codes(w, scale, zero).reshape(weight.shape).to(torch.int32)
+        return q, scale.squeeze(-1), None if zero is None else zero.squeeze(-1).to(torch.int32)
 
     def dequantize(
         self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: torch.dtype
@@ -127,9 +133,21 @@ class QuantGrid:
             grouped = grouped - zero.unsqueeze(-1).float()
         return (grouped * scale.float().unsqueeze(-1)).reshape(q.shape).to(dtype)
 
-    def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
-        q, scale, zero = self.quantize(weight)
-        return self.dequantize(q, scale, zero, weight.dtype)
+    def fake_quantize(self, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``dequantize(*quantize(weight))``, bit for bit, without the integer round trip.
+
+        With ``out`` (same shape and dtype as ``weight``, not aliasing it) the result is written there.
+        """
+        w = self._grouped(weight)
+        scale, zero = self._scales(w, weight.dtype)
+        codes = self._codes(w, scale, zero)
+        if zero is not None:
+            codes.sub_(zero)
+        if out is not None and out.dtype == torch.float32:
+            torch.mul(codes, scale, out=out.view_as(codes))
+            return out
+        result = codes.mul_(scale).reshape(weight.shape).to(weight.dtype)
+        return result if out is None else out.copy_(result)
 
 
 def fake_quantize_ste(weight: torch.Tensor, grid: QuantGrid) -> torch.Tensor:

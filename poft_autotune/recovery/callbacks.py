@@ -22,6 +22,12 @@ from poft_autotune.compression.base import (
 )
 
 
+def _swap(layer: nn.Module) -> None:
+    latent = master_weight(layer)  # type: ignore[arg-type]
+    layer.poft_latent = layer.weight.data
+    layer.weight.data = latent
+
+
 class CompressionCallback(TrainerCallback):
     """Keep pruned weights at zero and quantized weights on their grid, with a straight-through update.
 
@@ -49,10 +55,10 @@ class CompressionCallback(TrainerCallback):
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        with torch.no_grad():
-            for layer in self._quantized:
-                if layer.weight.requires_grad:
-                    layer.weight.data.copy_(master_weight(layer))
+        # Swap storage instead of copying: the parameter now holds the latent, the buffer the grid copy.
+        for layer in self._quantized:
+            if layer.weight.requires_grad:
+                _swap(layer)
 
     def on_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -60,8 +66,8 @@ class CompressionCallback(TrainerCallback):
         with torch.no_grad():
             for layer in self._quantized:
                 if layer.weight.requires_grad:
-                    master_weight(layer).copy_(layer.weight.data)
-                    refresh_(layer)
+                    _swap(layer)  # the updated latent goes back to the buffer ...
+                    refresh_(layer)  # ... and its projection onto the grid into the parameter
             for layer in self._masked_only:
                 mask = get_mask(layer)
                 if mask is not None:
