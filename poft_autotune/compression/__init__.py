@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import pkgutil
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
+import torch
 from torch import nn
 
 from poft_autotune.compression.base import (
+    Calibration,
     CompressionConfig,
     compressed_layers,
     get_mask,
@@ -33,6 +36,7 @@ class MethodSpec:
     name: str
     config_cls: type[CompressionConfig]
     apply: ApplyFn
+    takes_calibration: bool = False  # apply declares a ``calibration`` keyword parameter
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -41,10 +45,14 @@ _METHODS: dict[str, MethodSpec] = {}
 def register_method(name: str, config_cls: type[CompressionConfig]) -> Callable[[ApplyFn], ApplyFn]:
     """Register ``apply(model, layers, config)`` as compression method ``name``.
 
-    Example::
+    An apply function that declares a ``calibration`` keyword parameter receives the calibration
+    batches given to ``compress_`` (a list of model-input dicts, or None). Example::
 
         @register_method("quantize", QuantizeConfig)
         def quantize_(model, layers, config): ...
+
+        @register_method("prune", PruneConfig)
+        def prune_(model, layers, config, *, calibration=None): ...
     """
 
     def decorator(fn: ApplyFn) -> ApplyFn:
@@ -52,7 +60,7 @@ def register_method(name: str, config_cls: type[CompressionConfig]) -> Callable[
             raise InvalidConfigError(f"Compression method {name!r} is already registered.")
         if config_cls.method != name:
             raise InvalidConfigError(f"{config_cls.__name__}.method is {config_cls.method!r}, expected {name!r}.")
-        _METHODS[name] = MethodSpec(name, config_cls, fn)
+        _METHODS[name] = MethodSpec(name, config_cls, fn, "calibration" in inspect.signature(fn).parameters)
         return fn
 
     return decorator
@@ -112,20 +120,53 @@ class CompressedModel:
         return strip_(self.model)
 
 
+def _planned(layers: dict[str, nn.Linear], shapes: Mapping[str, tuple[int, int]]) -> dict[str, nn.Linear]:
+    """``layers`` with those a shape-changing method will resize replaced by meta-device stand-ins."""
+    out = dict(layers)
+    for name, (rows, cols) in shapes.items():
+        if name in out:
+            out[name] = nn.Linear(cols, rows, bias=False, device="meta")
+    return out
+
+
 def compress_(
-    model: nn.Module, configs: Iterable[CompressionConfig | Mapping[str, Any]] | CompressionConfig
+    model: nn.Module,
+    configs: Iterable[CompressionConfig | Mapping[str, Any]] | CompressionConfig,
+    calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
 ) -> CompressedModel:
     """Apply compression configs to ``model`` in place, in order (e.g. prune then quantize).
 
-    Every config is checked against the model before any weight changes. Example::
+    Every config is checked against the model before any weight changes. ``calibration``: model-input
+    dicts (``input_ids``, ``attention_mask``), needed by data-aware configs such as
+    ``PruneConfig(criterion="wanda")``; it is read once into a list, and ``labels`` are ignored. Example::
 
         compress_(model, [PruneConfig(sparsity=0.5), QuantizeConfig(bits=4, group_size=32)])
+        compress_(model, [PruneConfig(sparsity=0.5, criterion="wanda")], calibration=[collator(rows)])
     """
     if isinstance(configs, (CompressionConfig, Mapping)):
         configs = [configs]
     resolved = tuple(_as_config(c) for c in configs)
-    selections = []
-    for config in resolved:
+    batches: Calibration | None = None
+    if calibration is not None:
+        if isinstance(calibration, Mapping):  # one batch given bare
+            calibration = [calibration]
+        batches = [dict(b) for b in calibration]
+        if not batches:
+            raise InvalidConfigError("`calibration` is empty; pass at least one batch of model inputs, or None.")
+    shapes: dict[str, tuple[int, int]] = {}
+    for i, config in enumerate(resolved):
+        if config.changes_shapes and i > 0:
+            raise InvalidConfigError(
+                f"Method {config.method!r} removes structure (tensor shapes change), so it must come first in "
+                f"the plan, got it at position {i} of {[c.method for c in resolved]}. Move it to the front."
+            )
+        if config.needs_calibration and batches is None:
+            raise InvalidConfigError(
+                f"{config.short()!r} ({config.method}) is data-aware and needs calibration batches, got "
+                "calibration=None. Pass compress_(model, configs, calibration=[batch, ...]) with model-input "
+                "dicts (input_ids, attention_mask), or use a weight-only criterion."
+            )
+        config.check_model(model)  # the architecture first: its error says more than "no layer found"
         layers = select_layers(model, config.targets)
         if not layers:
             where = (
@@ -135,10 +176,17 @@ def compress_(
                 f"Method {config.method!r} found no layer to compress in {type(model).__name__} ({where}). "
                 "Pass `targets` (regular expressions over module names) that match nn.Linear layers."
             )
-        config.check_layers(layers)
-        selections.append(layers)
-    for config, layers in zip(resolved, selections, strict=True):
-        get_method(config.method).apply(model, layers, config)
+        config.check_layers(_planned(layers, shapes))
+        if config.changes_shapes:
+            shapes = config.planned_shapes(model)
+    for config in resolved:
+        spec = get_method(config.method)
+        # Selected afresh: after a shape-changing method, whole blocks may be gone.
+        layers = select_layers(model, config.targets)
+        if spec.takes_calibration:
+            cast(Callable[..., None], spec.apply)(model, layers, config, calibration=batches)
+        else:
+            spec.apply(model, layers, config)
     return CompressedModel(model, resolved)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 # transformer blocks (``model.layers.3.mlp.up_proj``, ``bert.encoder.layer.0.output.dense``). Heads,
 # poolers and embeddings do not, and are left alone unless targeted explicitly.
 _BLOCK_PATTERN = re.compile(r"(^|\.)\d+\.")
+
+# Calibration data: model-input dicts (``input_ids``, ``attention_mask``, ...), one per batch.
+Calibration = Sequence[Mapping[str, torch.Tensor]]
 
 
 class QuantGrid(Protocol):
@@ -74,8 +77,24 @@ class CompressionConfig:
     def validate(self) -> None:
         """Check the fields; raise InvalidConfigError naming the field, the value and the fix."""
 
+    # True for methods that physically remove structure (tensor shapes change): they must run first.
+    changes_shapes: ClassVar[bool] = False
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether applying this config needs calibration batches (``compress_(..., calibration=...)``)."""
+        return False
+
+    def check_model(self, model: nn.Module) -> None:
+        """Check that the config can apply to this model (architecture, sizes), before anything is changed."""
+
     def check_layers(self, layers: Mapping[str, nn.Linear]) -> None:
         """Check that the config can apply to these layers, before anything is changed."""
+
+    def planned_shapes(self, model: nn.Module) -> dict[str, tuple[int, int]]:
+        """For ``changes_shapes`` methods: ``(out_features, in_features)`` of each Linear it resizes, by its
+        current name, so the configs after it are checked against the shapes they will meet."""
+        return {}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict with a ``method`` key; inverse of ``config_from_dict``."""
@@ -131,6 +150,68 @@ def select_layers(model: nn.Module, targets: tuple[str, ...] | None) -> dict[str
     return out
 
 
+@torch.no_grad()
+def forward_calibration(
+    model: nn.Module, calibration: Calibration, on_batch: Callable[[torch.Tensor | None], None]
+) -> None:
+    """Run ``model`` (eval mode, no grad) on every calibration batch; before each forward,
+    ``on_batch(token_mask)`` receives the batch's ``attention_mask`` as bools (None without one), so
+    hooks can leave padding out. ``labels`` are dropped (no loss is needed)."""
+    was_training = model.training
+    model.eval()  # no dropout: statistics of the function the model computes
+    device = next(model.parameters()).device
+    try:
+        for batch in calibration:
+            inputs = {k: torch.as_tensor(v).to(device) for k, v in batch.items() if k != "labels"}
+            mask = inputs.get("attention_mask")
+            on_batch(None if mask is None else mask.bool())
+            model(**inputs)
+    finally:
+        model.train(was_training)
+
+
+def valid_tokens(x: torch.Tensor, token_mask: torch.Tensor | None, where: str) -> torch.Tensor:
+    """The rows of ``x`` (``[batch, seq, features]`` or flattened ``[tokens, features]``) at non-padding
+    tokens, as ``[tokens, features]``."""
+    if token_mask is not None:
+        if x.shape[:-1] == token_mask.shape:
+            return x[token_mask]
+        if x.dim() == 2 and x.shape[0] == token_mask.numel():
+            return x[token_mask.flatten()]
+        raise InvalidConfigError(
+            f"Calibration: the input of {where!r} has shape {tuple(x.shape)}, which does not match the batch's "
+            f"attention_mask {tuple(token_mask.shape)}; pass batches whose attention_mask is [batch, seq]."
+        )
+    return x.reshape(-1, x.shape[-1])
+
+
+def input_norms(model: nn.Module, layers: Mapping[str, nn.Linear], calibration: Calibration) -> dict[str, torch.Tensor]:
+    """L2 norm over calibration tokens of every input feature of each layer: ``{name: [in_features]}``.
+
+    One no-grad forward pass over ``calibration`` with pre-hooks on ``layers``; tokens where the batch's
+    ``attention_mask`` is 0 (padding) are left out. Example::
+
+        norms = input_norms(model, select_layers(model, None), [{"input_ids": ids, "attention_mask": am}])
+    """
+    sums = {name: torch.zeros(layer.in_features, dtype=torch.float64) for name, layer in layers.items()}
+    token_mask: list[torch.Tensor | None] = [None]  # the current batch's, read by the hooks
+
+    def hook_for(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = valid_tokens(args[0].detach(), token_mask[0], name)
+            sums[name] += x.double().square().sum(0).cpu()
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(hook_for(name)) for name, layer in layers.items()]
+    try:
+        forward_calibration(model, calibration, lambda mask: token_mask.__setitem__(0, mask))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: total.sqrt().float() for name, total in sums.items()}
+
+
 def compressed_layers(model: nn.Module) -> dict[str, nn.Linear]:
     """Every Linear layer that carries compression state (a mask, a quantizer, or both)."""
     return {
@@ -155,9 +236,12 @@ def master_weight(layer: nn.Linear) -> torch.Tensor:
 
 
 def _mask_grad(layer: nn.Linear) -> Any:
-    def hook(grad: torch.Tensor) -> torch.Tensor:
+    def hook(param: torch.Tensor) -> None:
         mask = get_mask(layer)
-        return grad if mask is None else torch.where(mask, grad, 0.0)  # one pass, no float copy of the mask
+        if mask is not None and param.grad is not None:
+            # In place on the accumulated .grad: one pass, no allocation (torch.where(mask, g, 0.0)
+            # measured ~7x slower on MiniLM-sized weights).
+            param.grad.mul_(mask)
 
     return hook
 
@@ -182,7 +266,8 @@ def ensure_mask_hook_(layer: nn.Linear) -> None:
     gradient-clipping norm as well as out of the optimizer state.
     """
     if get_mask(layer) is not None and layer.weight.requires_grad and getattr(layer, "_poft_hook", None) is None:
-        layer._poft_hook = layer.weight.register_hook(_mask_grad(layer))
+        # Runs after each backward has accumulated into .grad, i.e. before clipping and optimizer.step.
+        layer._poft_hook = layer.weight.register_post_accumulate_grad_hook(_mask_grad(layer))
 
 
 def set_quant_(layer: nn.Linear, grid: QuantGrid) -> None:

@@ -14,6 +14,7 @@ import tempfile
 import time
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import PrinterCallback, TrainingArguments, set_seed
 
@@ -38,6 +39,7 @@ class TrialContext:
     training_args: TrainingArguments
     dense_metric: float
     eval_batch_size: int = 32
+    calibration_batches: int = 8  # batches of eval_batch_size training rows for data-aware methods (Wanda)
 
 
 @dataclasses.dataclass
@@ -99,6 +101,28 @@ def recovery_arguments(template: TrainingArguments, plan: TrialPlan, output_dir:
     )
 
 
+def calibration_batches(
+    dataset: Any, collator: PadCollator, n_batches: int, batch_size: int, seed: int = 0
+) -> list[dict[str, torch.Tensor]]:
+    """``n_batches`` padded batches of model inputs from ``dataset`` (no labels), for data-aware compression.
+
+    Rows are a seeded random sample (the same for every trial of a study, so trials compare on the same
+    calibration data; a random sample, since datasets are often sorted by label or length). Example::
+
+        compress_(model, plan.compression, calibration=calibration_batches(train, collator, 8, 32))
+    """
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    rows = order[: n_batches * batch_size].tolist()
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        columns = dataset[rows[start : start + batch_size]]
+        features = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+        batch = collator(features)
+        batch.pop("labels", None)
+        batches.append(batch)
+    return batches
+
+
 def run_trial(plan: TrialPlan, context: TrialContext) -> TrialResult:
     """Run ``plan`` on a fresh copy of the base model and measure the shipped result.
 
@@ -110,7 +134,12 @@ def run_trial(plan: TrialPlan, context: TrialContext) -> TrialResult:
     model = copy.deepcopy(context.base_model)
     model.train()
     if plan.compression:
-        compress_(model, plan.compression)
+        calibration = None
+        if any(config.needs_calibration for config in plan.compression):
+            calibration = calibration_batches(
+                context.train_dataset, context.collator, context.calibration_batches, context.eval_batch_size
+            )
+        compress_(model, plan.compression, calibration=calibration)
     timings["compress_s"] = time.perf_counter() - start
 
     def measure(key: str) -> float:

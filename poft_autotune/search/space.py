@@ -15,6 +15,7 @@ from torch import nn
 
 from poft_autotune.compression import available_methods, config_from_dict, get_method
 from poft_autotune.compression.base import CompressionConfig, select_layers
+from poft_autotune.compression.structured import ARCHITECTURES
 from poft_autotune.errors import InvalidConfigError
 
 DENSE = "none"
@@ -123,6 +124,14 @@ class SearchSpace:
         if "pattern" not in nm:
             dims = {layer.in_features for layer in select_layers(model, None).values()}
             nm["pattern"] = [p for p in ("2:4", "4:8") if all(d % int(p.split(":")[1]) == 0 for d in dims)] or ["2:4"]
+        # prune/nm `criterion` defaults to both ("magnitude", "wanda"): run_trial passes calibration batches.
+        config: Any = getattr(model, "config", None)
+        arch = ARCHITECTURES.get(str(getattr(config, "model_type", None)))
+        if arch is not None:
+            structured = choices.setdefault("structured", {})
+            if not arch.heads_supported:
+                structured.setdefault("heads", (0.0, 0.0))  # e.g. BERT: fewer heads would not reload
+            structured.setdefault("layers", (0, int(config.num_hidden_layers) // 4))  # up to a quarter of the blocks
         return dataclasses.replace(self, choices=choices)
 
 
