@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +24,8 @@ from poft_autotune.data import (
     resolve_metric,
 )
 from poft_autotune.errors import InvalidConfigError, PoftError
-from poft_autotune.pareto import PLAN_ATTR, RESULT_ATTR, ParetoFront
+from poft_autotune.export import export_model
+from poft_autotune.pareto import CHECKPOINT_ATTR, PLAN_ATTR, RESULT_ATTR, ParetoFront
 from poft_autotune.search.objective import TrialContext, TrialResult, run_trial
 from poft_autotune.search.space import RecoveryConfig, SearchSpace, TrialPlan, suggest_plan
 from poft_autotune.size import checkpoint_size
@@ -32,6 +34,17 @@ logger = logging.getLogger("poft_autotune")
 
 DENSE_ATTR = "dense"
 ERROR_ATTR = "error"
+KEEP_CHOICES = ("front", "all", "none")
+
+
+def _prune_checkpoints(study: optuna.Study, root: Path) -> None:
+    """Delete kept checkpoints of trials that are no longer on the front (keep_checkpoints='front')."""
+    front = {str(Path(t.user_attrs.get(CHECKPOINT_ATTR, ""))) for t in study.best_trials}
+    if not root.is_dir():
+        return
+    for path in root.iterdir():
+        if path.is_dir() and path.name.startswith("trial-") and str(path.resolve()) not in front:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def load_model(model: str | os.PathLike[str] | nn.Module, num_labels: int | None = None) -> tuple[nn.Module, Any]:
@@ -153,17 +166,24 @@ def autotune(
     max_length: int = 128,
     eval_batch_size: int = 32,
     output_dir: str | os.PathLike[str] = "studies",
+    keep_checkpoints: str = "front",
     show_progress: bool = True,
 ) -> ParetoFront:
     """Search compression settings and recovery fine-tuning; return the size/metric Pareto front.
 
     Every trial's plan and result are stored on the Optuna study (``storage``, default
     ``sqlite:///<output_dir>/<study_name>.db``), so a rerun with the same name resumes it. The dense
-    model is the first trial. Example::
+    model is the first trial. Each trial's shipped checkpoint is exported to
+    ``<output_dir>/<study_name>/checkpoints/trial-<n>`` (its bytes on disk are the size on the front);
+    ``keep_checkpoints``: ``"front"`` keeps those of front points, ``"all"`` every one, ``"none"`` none.
+    Example::
 
         front = autotune("path/to/model", train_ds, eval_ds, metric="accuracy", n_trials=12)
         print(front.to_markdown())
+        front.export(front[0], "ship/smallest")
     """
+    if keep_checkpoints not in KEEP_CHOICES:
+        raise InvalidConfigError(f"`keep_checkpoints` must be one of {KEEP_CHOICES}, got {keep_checkpoints!r}.")
     if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials <= 0:
         raise InvalidConfigError(f"`n_trials` must be a positive integer, got {n_trials!r}.")
     if space is None:
@@ -198,6 +218,7 @@ def autotune(
     name = study_name or "poft"
     out = Path(output_dir)
     study = _study(storage, name, resolved, seed, out)
+    checkpoints = out / name / "checkpoints"
 
     base.to(args.device).eval()
     dense = study.user_attrs.get(DENSE_ATTR)
@@ -205,6 +226,10 @@ def autotune(
         dense_metric = evaluate_model(base, evaluation, resolved, collator, eval_batch_size)
         size = checkpoint_size(base)
         plan = TrialPlan(compression=(), recovery=RecoveryConfig(steps=0), seed=seed)
+        attrs: dict[str, Any] = {}
+        if keep_checkpoints != "none":
+            dense_dir = export_model(base, checkpoints / "trial-dense", tokenizer=tokenizer, overwrite=True)
+            attrs[CHECKPOINT_ATTR] = str(dense_dir.resolve())
         result = TrialResult(
             size.total,
             size.as_dict(),
@@ -219,14 +244,16 @@ def autotune(
         study.add_trial(
             optuna.trial.create_trial(
                 values=[size.total, dense_metric],
-                user_attrs={PLAN_ATTR: plan.to_dict(), RESULT_ATTR: result.to_dict()},
+                user_attrs={PLAN_ATTR: plan.to_dict(), RESULT_ATTR: result.to_dict(), **attrs},
             )
         )
         study.set_user_attr(DENSE_ATTR, {"metric": dense_metric, "size_bytes": size.total})
         logger.info("dense baseline: %s=%.4g, %d bytes", resolved.name, dense_metric, size.total)
     else:
         dense_metric = float(dense["metric"])
-    context = TrialContext(base, train, evaluation, resolved, collator, args, dense_metric, eval_batch_size)
+    context = TrialContext(
+        base, train, evaluation, resolved, collator, args, dense_metric, eval_batch_size, tokenizer=tokenizer
+    )
 
     progress = None
     if show_progress:
@@ -238,9 +265,12 @@ def autotune(
             trial = study.ask()
             plan = suggest_plan(trial, space, seed=seed + trial.number)
             trial.set_user_attr(PLAN_ATTR, plan.to_dict())
+            export_dir = None if keep_checkpoints == "none" else checkpoints / f"trial-{trial.number}"
             try:
-                result = run_trial(plan, context)
+                result = run_trial(plan, context, export_dir)
             except PoftError as exc:
+                if export_dir is not None:
+                    shutil.rmtree(export_dir, ignore_errors=True)
                 trial.set_user_attr(ERROR_ATTR, f"{type(exc).__name__}: {exc}")
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 logger.warning("trial %d (%s) failed: %s", trial.number, plan.label, exc)
@@ -250,7 +280,11 @@ def autotune(
                 raise
             else:
                 _record(trial, plan, result)
+                if export_dir is not None:
+                    trial.set_user_attr(CHECKPOINT_ATTR, str(export_dir.resolve()))
                 study.tell(trial, [result.size_bytes, result.recovered_metric])
+                if keep_checkpoints == "front":
+                    _prune_checkpoints(study, checkpoints)
                 message = (
                     f"trial {trial.number} {plan.label}: {result.size_bytes} B, {resolved.name} dense "
                     f"{result.dense_metric:.4g} -> compressed {result.compressed_metric:.4g} -> recovered "

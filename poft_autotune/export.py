@@ -121,6 +121,27 @@ def export_model(
     return target
 
 
+def copy_checkpoint(
+    source: str | os.PathLike[str], directory: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
+    """Copy an exported checkpoint directory to ``directory``, atomically (temp sibling, then rename).
+
+    Example: ``copy_checkpoint("studies/poft/checkpoints/trial-7", "ship/int4")``.
+    """
+    src = Path(source)
+    if not (src / "config.json").is_file():
+        raise InvalidConfigError(f"`source` must be an exported checkpoint (config.json), got {str(src)!r}.")
+    target = _check_target(directory, overwrite)
+    tmp = target.with_name(f".{target.name}.poft-tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        shutil.copytree(src, tmp)
+        _move_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
 def load_pretrained(directory: str | os.PathLike[str]) -> PreTrainedModel:
     """Reload any ``export_model`` directory (weights dequantized to the model dtype), on CPU.
 

@@ -15,6 +15,7 @@ from poft_autotune.errors import InvalidConfigError
 
 PLAN_ATTR = "plan"
 RESULT_ATTR = "result"
+CHECKPOINT_ATTR = "checkpoint"  # directory of the trial's exported checkpoint, when kept
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,10 +29,39 @@ class ParetoPoint:
     label: str
     plan: dict[str, Any]
     result: dict[str, Any]
+    checkpoint: str | None = None
 
     @property
     def is_dense(self) -> bool:
         return not self.plan.get("compression")
+
+
+def export_trial(study: optuna.Study, trial_number: int, directory: str | Path, *, overwrite: bool = False) -> Path:
+    """Copy the kept checkpoint of any completed trial of ``study`` to ``directory``.
+
+    Example: ``export_trial(optuna.load_study(study_name="poft", storage=url), 7, "ship/int4")``.
+    """
+    from poft_autotune.export import copy_checkpoint
+
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if trial_number not in trials:
+        raise InvalidConfigError(
+            f"Study {study.study_name!r} has no trial {trial_number!r}; its trials are 0..{len(trials) - 1}."
+        )
+    trial = trials[trial_number]
+    if trial.state != optuna.trial.TrialState.COMPLETE:
+        reason = trial.user_attrs.get("error", "")
+        raise InvalidConfigError(
+            f"Trial {trial_number} is {trial.state.name}, not COMPLETE, so it has no model to export. {reason}".strip()
+        )
+    checkpoint = trial.user_attrs.get(CHECKPOINT_ATTR)
+    if not checkpoint or not Path(checkpoint).is_dir():
+        raise InvalidConfigError(
+            f"Trial {trial_number} has no kept checkpoint (got {checkpoint!r}); autotune keeps the front's by "
+            "default (keep_checkpoints='front'). Rerun its plan with run_trial(..., export_dir=...) or run the "
+            "study with keep_checkpoints='all'."
+        )
+    return copy_checkpoint(checkpoint, directory, overwrite=overwrite)
 
 
 def _label(plan: dict[str, Any]) -> str:
@@ -62,6 +92,17 @@ class ParetoFront(Sequence[ParetoPoint]):
         self.points = sorted(points, key=lambda p: (p.size_bytes, -p.metric if greater_is_better else p.metric))
         self.metric_name = metric_name
         self.greater_is_better = greater_is_better
+        self.study: optuna.Study | None = None
+
+    def export(self, point: ParetoPoint | int, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Copy the shipped checkpoint of a front point (or of any trial, by number) to ``directory``.
+
+        Example: ``front.export(front[0], "ship/smallest")``; reload with ``poft_autotune.load_pretrained``.
+        """
+        number = point.trial_number if isinstance(point, ParetoPoint) else point
+        if self.study is None:
+            raise InvalidConfigError("This front was not built from a study; use ParetoFront.from_study(study).")
+        return export_trial(self.study, number, directory, overwrite=overwrite)
 
     @classmethod
     def from_study(cls, study: optuna.Study) -> ParetoFront:
@@ -87,9 +128,12 @@ class ParetoFront(Sequence[ParetoPoint]):
                     label=_label(plan),
                     plan=plan,
                     result=result,
+                    checkpoint=trial.user_attrs.get(CHECKPOINT_ATTR),
                 )
             )
-        return cls(points, names[1], greater)
+        front = cls(points, names[1], greater)
+        front.study = study
+        return front
 
     def __iter__(self) -> Iterator[ParetoPoint]:
         return iter(self.points)

@@ -157,3 +157,60 @@ def test_bert_classifier_end_to_end(tmp_path):
         assert result["retained"] == pytest.approx(result["recovered_metric"] / dense_acc)
         assert result["size_bytes"] < study.trials[0].values[0]
         assert set(result["timings"]) >= {"compress_s", "recover_s", "eval_compressed_s", "eval_recovered_s"}
+
+
+def test_front_checkpoints_are_the_shipped_models(llama_study, tmp_path):
+    """Bytes on disk == the front's size; the reloaded checkpoint reproduces the front's metric."""
+    from poft_autotune.data import evaluate_model
+    from poft_autotune.export import load_pretrained, weight_bytes
+    from poft_autotune.pareto import CHECKPOINT_ATTR, export_trial
+
+    _, _, evaluation, storage, _, tmp = llama_study
+    study = optuna.load_study(study_name="llama", storage=storage)
+    front = ParetoFront.from_study(study)
+    metric = resolve_metric(None, CAUSAL_LM)
+    data = prepare_dataset(evaluation, CAUSAL_LM)
+    for point in front:
+        assert point.checkpoint is not None
+        assert weight_bytes(point.checkpoint) == point.size_bytes
+        reloaded = load_pretrained(point.checkpoint)
+        assert evaluate_model(reloaded, data, metric, PadCollator(0, CAUSAL_LM)) == pytest.approx(
+            point.metric, rel=1e-4
+        )
+    # Only the front's checkpoints are kept (keep_checkpoints="front").
+    kept = {p.name for p in (tmp / "llama" / "checkpoints").iterdir()}
+    expected = {"trial-dense" if p.is_dense else f"trial-{p.trial_number}" for p in front}
+    assert kept == expected
+    target = front.export(front[0], tmp_path / "ship")
+    assert weight_bytes(target) == front[0].size_bytes
+    off_front = next(t for t in study.trials if t.number not in {p.trial_number for p in front})
+    with pytest.raises(Exception, match="no kept checkpoint"):
+        export_trial(study, off_front.number, tmp_path / "nope")
+    with pytest.raises(Exception, match="has no trial 999"):
+        export_trial(study, 999, tmp_path / "nope")
+    assert all(CHECKPOINT_ATTR in t.user_attrs for t in study.trials if t.state.name == "COMPLETE")
+
+
+def test_lora_plan_runs_and_ships_merged(llama_study, tmp_path):
+    from poft_autotune import QuantizeConfig, RecoveryConfig
+    from poft_autotune.export import load_pretrained, weight_bytes
+
+    model, train, evaluation, storage, _, _ = llama_study
+    study = optuna.load_study(study_name="llama", storage=storage)
+    context = TrialContext(
+        base_model=model,
+        train_dataset=prepare_dataset(train, CAUSAL_LM),
+        eval_dataset=prepare_dataset(evaluation, CAUSAL_LM),
+        metric=resolve_metric(None, CAUSAL_LM),
+        collator=PadCollator(0, CAUSAL_LM),
+        training_args=tiny_training_args(str(tmp_path)),
+        dense_metric=study.user_attrs[DENSE_ATTR]["metric"],
+    )
+    config = QuantizeConfig(bits=4, group_size=16)
+    full = run_trial(TrialPlan((config,), RecoveryConfig(steps=4, learning_rate=1e-3)), context)
+    lora = run_trial(
+        TrialPlan((config,), RecoveryConfig(steps=4, learning_rate=1e-3, lora_rank=4)), context, tmp_path / "ck"
+    )
+    assert lora.size_bytes == full.size_bytes == weight_bytes(tmp_path / "ck")
+    assert lora.recovered_metric != lora.compressed_metric  # the merged adapter changed the shipped model
+    assert not any("lora" in name for name in load_pretrained(tmp_path / "ck").state_dict())

@@ -143,7 +143,12 @@ def test_run_trial_passes_calibration(tmp_path):
 def test_suggest_criterion_names_and_replay():
     space = SearchSpace(methods=("prune", "nm")).fitted_to(tiny_llama())
     params = {"method": "prune", "prune.sparsity": 0.4, "prune.criterion": "wanda", "recovery.steps": 20}
-    params |= {"recovery.learning_rate": 1e-4, "recovery.distill_weight": 0.0, "recovery.temperature": 2.0}
+    params |= {
+        "recovery.learning_rate": 1e-4,
+        "recovery.distill_weight": 0.0,
+        "recovery.temperature": 2.0,
+        "recovery.lora_rank": 0,
+    }
     plan = suggest_plan(optuna.trial.FixedTrial(params), space)
     assert plan.compression == (PruneConfig(sparsity=0.4, criterion="wanda"),)
     params |= {"method": "nm", "nm.pattern": "2:4", "nm.criterion": "wanda"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -21,8 +22,10 @@ from transformers import PrinterCallback, TrainingArguments, set_seed
 from poft_autotune.compression import compress_
 from poft_autotune.compression.base import strip_
 from poft_autotune.data import Metric, PadCollator, evaluate_model
-from poft_autotune.errors import TrialFailedError
+from poft_autotune.errors import PoftError, TrialFailedError
+from poft_autotune.export import export_model, weight_bytes
 from poft_autotune.recovery import CompressionCallback, NonFiniteLossCallback, RecoveryTrainer
+from poft_autotune.recovery.lora import attach_lora, merge_lora_
 from poft_autotune.search.space import TrialPlan
 from poft_autotune.size import checkpoint_size
 
@@ -39,6 +42,7 @@ class TrialContext:
     training_args: TrainingArguments
     dense_metric: float
     eval_batch_size: int = 32
+    tokenizer: Any = None  # saved beside exported checkpoints
     calibration_batches: int = 8  # batches of eval_batch_size training rows for data-aware methods (Wanda)
 
 
@@ -123,10 +127,43 @@ def calibration_batches(
     return batches
 
 
-def run_trial(plan: TrialPlan, context: TrialContext) -> TrialResult:
+def _recover(model: nn.Module, plan: TrialPlan, context: TrialContext) -> tuple[nn.Module, list[float]]:
+    """Fine-tune ``model`` per ``plan.recovery``; returns the model in its shipped form and the loss curve."""
+    recovery = plan.recovery
+    trained = model
+    if recovery.lora_rank > 0:
+        trained = attach_lora(
+            model, context.collator.task, recovery.lora_rank, recovery.lora_alpha, recovery.lora_dropout
+        )
+    output_dir = tempfile.mkdtemp(prefix="poft-trial-")
+    guard = NonFiniteLossCallback()
+    try:
+        trainer = RecoveryTrainer(
+            model=trained,
+            args=recovery_arguments(context.training_args, plan, output_dir),
+            train_dataset=context.train_dataset,
+            data_collator=context.collator,
+            teacher=context.base_model if recovery.distill_weight > 0 else None,
+            distill_weight=recovery.distill_weight,
+            temperature=recovery.temperature,
+            callbacks=[CompressionCallback(trained), guard],
+        )
+        trainer.remove_callback(PrinterCallback)  # we log one line per trial instead of raw dicts
+        trainer.train()
+        train_loss = [float(log["loss"]) for log in trainer.state.log_history if "loss" in log]
+    finally:
+        shutil.rmtree(output_dir, ignore_errors=True)
+    if guard.bad_loss is not None:
+        raise TrialFailedError(f"recovery diverged: training loss became {guard.bad_loss}")
+    # LoRA ships merged: the update folded into the base, then masked and re-quantized.
+    return (merge_lora_(trained) if recovery.lora_rank > 0 else model), train_loss
+
+
+def run_trial(plan: TrialPlan, context: TrialContext, export_dir: str | os.PathLike[str] | None = None) -> TrialResult:
     """Run ``plan`` on a fresh copy of the base model and measure the shipped result.
 
-    Raises ``TrialFailedError`` when recovery diverges (non-finite loss).
+    With ``export_dir`` the shipped checkpoint is written there (``export_model``) and its bytes on
+    disk are checked against the size. Raises ``TrialFailedError`` when recovery diverges.
     """
     timings: dict[str, float] = {}
     set_seed(plan.seed)
@@ -152,28 +189,17 @@ def run_trial(plan: TrialPlan, context: TrialContext) -> TrialResult:
     train_loss: list[float] = []
     t = time.perf_counter()
     if plan.recovery.steps > 0:
-        output_dir = tempfile.mkdtemp(prefix="poft-trial-")
-        guard = NonFiniteLossCallback()
-        try:
-            trainer = RecoveryTrainer(
-                model=model,
-                args=recovery_arguments(context.training_args, plan, output_dir),
-                train_dataset=context.train_dataset,
-                data_collator=context.collator,
-                teacher=context.base_model if plan.recovery.distill_weight > 0 else None,
-                distill_weight=plan.recovery.distill_weight,
-                temperature=plan.recovery.temperature,
-                callbacks=[CompressionCallback(model), guard],
-            )
-            trainer.remove_callback(PrinterCallback)  # we log one line per trial instead of raw dicts
-            trainer.train()
-            train_loss = [float(log["loss"]) for log in trainer.state.log_history if "loss" in log]
-        finally:
-            shutil.rmtree(output_dir, ignore_errors=True)
-        if guard.bad_loss is not None:
-            raise TrialFailedError(f"recovery diverged: training loss became {guard.bad_loss}")
+        model, train_loss = _recover(model, plan, context)
     timings["recover_s"] = time.perf_counter() - t
     size = checkpoint_size(model)
+    if export_dir is not None:
+        t = time.perf_counter()
+        recipe = {"plan": plan.to_dict(), "size_bytes": size.total}
+        export_model(model, export_dir, tokenizer=context.tokenizer, recipe=recipe, overwrite=True)
+        on_disk = weight_bytes(export_dir)
+        if on_disk != size.total:  # the size contract; tests hold it, so this is a bug report, not a state
+            raise PoftError(f"exported {on_disk} bytes but the size formula says {size.total}; please report this.")
+        timings["export_s"] = time.perf_counter() - t
     strip_(model)  # the shipped form: plain parameters, no masks, latents or hooks
     recovered_metric = measure("eval_recovered_s") if plan.recovery.steps > 0 else compressed_metric
     timings["total_s"] = time.perf_counter() - start

@@ -26,12 +26,17 @@ class RecoveryConfig:
     """How a compressed model is fine-tuned back. ``steps=0`` ships it as compressed.
 
     ``distill_weight`` w mixes the loss as ``(1 - w) * task + w * KD`` with temperature ``temperature``.
+    ``lora_rank`` 0 fine-tunes every weight; > 0 trains LoRA adapters of that rank (alpha ``lora_alpha``,
+    default ``2 * rank``) on the frozen compressed layers, merged and re-compressed before evaluation.
     """
 
     steps: int = 50
     learning_rate: float = 5e-5
     distill_weight: float = 0.0
     temperature: float = 2.0
+    lora_rank: int = 0
+    lora_alpha: int | None = None
+    lora_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 0:
@@ -42,6 +47,16 @@ class RecoveryConfig:
             raise InvalidConfigError(f"`recovery.distill_weight` must be in [0, 1], got {self.distill_weight!r}.")
         if not self.temperature > 0:
             raise InvalidConfigError(f"`recovery.temperature` must be > 0, got {self.temperature!r}.")
+        if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool) or self.lora_rank < 0:
+            raise InvalidConfigError(
+                f"`recovery.lora_rank` must be an integer >= 0 (0 = full fine-tune), got {self.lora_rank!r}."
+            )
+        if self.lora_alpha is not None and (not isinstance(self.lora_alpha, int) or self.lora_alpha <= 0):
+            raise InvalidConfigError(
+                f"`recovery.lora_alpha` must be a positive integer or None, got {self.lora_alpha!r}."
+            )
+        if not 0 <= self.lora_dropout < 1:
+            raise InvalidConfigError(f"`recovery.lora_dropout` must be in [0, 1), got {self.lora_dropout!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -82,7 +97,8 @@ class SearchSpace:
     ``methods``: method combinations, each a ``+``-joined sequence applied in order (``"prune+quantize"``).
     ``choices``: per method, overrides of its suggest ranges (e.g. ``{"quantize": {"bits": (3, 8)}}``).
     Recovery ranges: ``steps`` (int, low..high), ``learning_rate`` (log-uniform), ``distill_weight``,
-    ``temperature``; a range with low == high fixes the value.
+    ``temperature``; a range with low == high fixes the value. ``lora_rank``: ranks to choose from (0 = full
+    fine-tune; ``(0,)`` never uses LoRA).
     """
 
     methods: tuple[str, ...] = ("quantize", "prune", "nm", "prune+quantize")
@@ -91,6 +107,7 @@ class SearchSpace:
     learning_rate: tuple[float, float] = (1e-5, 5e-4)
     distill_weight: tuple[float, float] = (0.0, 1.0)
     temperature: tuple[float, float] = (1.0, 4.0)
+    lora_rank: tuple[int, ...] = (0, 8, 16)  # 0 = full fine-tune; the search chooses
 
     def __post_init__(self) -> None:
         if isinstance(self.methods, str):
@@ -107,6 +124,11 @@ class SearchSpace:
             low, high = getattr(self, field)
             if low > high:
                 raise InvalidConfigError(f"`{field}` range must have low <= high, got {(low, high)!r}.")
+        object.__setattr__(self, "lora_rank", tuple(self.lora_rank))
+        if not self.lora_rank or any(not isinstance(r, int) or r < 0 for r in self.lora_rank):
+            raise InvalidConfigError(
+                f"`lora_rank` must list integers >= 0 (0 = full fine-tune), got {self.lora_rank!r}."
+            )
         if self.steps[0] < 0 or self.learning_rate[0] <= 0:
             raise InvalidConfigError(
                 f"`steps` must be >= 0 and `learning_rate` > 0, got steps={self.steps!r}, "
@@ -155,5 +177,10 @@ def suggest_plan(trial: optuna.Trial, space: SearchSpace, seed: int = 0) -> Tria
         learning_rate=_suggest_range(trial, "recovery.learning_rate", space.learning_rate, log=True),
         distill_weight=_suggest_range(trial, "recovery.distill_weight", space.distill_weight),
         temperature=_suggest_range(trial, "recovery.temperature", space.temperature),
+        lora_rank=int(
+            space.lora_rank[0]
+            if len(space.lora_rank) == 1
+            else trial.suggest_categorical("recovery.lora_rank", list(space.lora_rank))
+        ),
     )
     return TrialPlan(compression=configs, recovery=recovery, seed=seed)
