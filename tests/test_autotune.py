@@ -213,4 +213,5 @@ def test_lora_plan_runs_and_ships_merged(llama_study, tmp_path):
     )
     assert lora.size_bytes == full.size_bytes == weight_bytes(tmp_path / "ck")
     assert lora.recovered_metric != lora.compressed_metric  # the merged adapter changed the shipped model
+    assert lora.unmerged_metric is not None and full.unmerged_metric is None
     assert not any("lora" in name for name in load_pretrained(tmp_path / "ck").state_dict())

@@ -60,6 +60,8 @@ class TrialResult:
     recovery_steps: int
     timings: dict[str, float]
     train_loss: list[float] = dataclasses.field(default_factory=list)
+    # LoRA trials: the metric with the adapters still separate, before merge and re-compression.
+    unmerged_metric: float | None = None
 
     @property
     def retained(self) -> float:
@@ -128,7 +130,7 @@ def calibration_batches(
 
 
 def _recover(model: nn.Module, plan: TrialPlan, context: TrialContext) -> tuple[nn.Module, list[float]]:
-    """Fine-tune ``model`` per ``plan.recovery``; returns the model in its shipped form and the loss curve."""
+    """Fine-tune ``model`` per ``plan.recovery``; returns the trained model (peft-wrapped for LoRA) and the losses."""
     recovery = plan.recovery
     trained = model
     if recovery.lora_rank > 0:
@@ -155,8 +157,7 @@ def _recover(model: nn.Module, plan: TrialPlan, context: TrialContext) -> tuple[
         shutil.rmtree(output_dir, ignore_errors=True)
     if guard.bad_loss is not None:
         raise TrialFailedError(f"recovery diverged: training loss became {guard.bad_loss}")
-    # LoRA ships merged: the update folded into the base, then masked and re-quantized.
-    return (merge_lora_(trained) if recovery.lora_rank > 0 else model), train_loss
+    return trained, train_loss
 
 
 def run_trial(plan: TrialPlan, context: TrialContext, export_dir: str | os.PathLike[str] | None = None) -> TrialResult:
@@ -188,9 +189,15 @@ def run_trial(plan: TrialPlan, context: TrialContext, export_dir: str | os.PathL
     compressed_metric = measure("eval_compressed_s")
     train_loss: list[float] = []
     t = time.perf_counter()
+    unmerged_metric = None
     if plan.recovery.steps > 0:
         model, train_loss = _recover(model, plan, context)
-    timings["recover_s"] = time.perf_counter() - t
+        if plan.recovery.lora_rank > 0:
+            # Measured before merging so the cost of merge + re-compression is visible (with a quantized
+            # base, updates smaller than half a grid step are rounded away).
+            unmerged_metric = measure("eval_unmerged_s")
+            model = merge_lora_(model)  # ships merged: update folded in, then masked and re-quantized
+    timings["recover_s"] = time.perf_counter() - t - timings.get("eval_unmerged_s", 0.0)
     size = checkpoint_size(model)
     if export_dir is not None:
         t = time.perf_counter()
@@ -216,4 +223,5 @@ def run_trial(plan: TrialPlan, context: TrialContext, export_dir: str | os.PathL
         recovery_steps=plan.recovery.steps,
         timings=timings,
         train_loss=train_loss,
+        unmerged_metric=unmerged_metric,
     )
