@@ -215,3 +215,23 @@ def test_lora_plan_runs_and_ships_merged(llama_study, tmp_path):
     assert lora.recovered_metric != lora.compressed_metric  # the merged adapter changed the shipped model
     assert lora.unmerged_metric is not None and full.unmerged_metric is None
     assert not any("lora" in name for name in load_pretrained(tmp_path / "ck").state_dict())
+
+
+def test_diverging_recovery_fails_the_trial_with_its_reason(tmp_path):
+    from poft_autotune import QuantizeConfig, RecoveryConfig, TrialFailedError
+
+    model = tiny_llama()
+    model.model.embed_tokens.weight.data[5] = float("nan")  # every sequence of lm_dataset passes token 5
+    train = prepare_dataset(lm_dataset(32), CAUSAL_LM)
+    context = TrialContext(
+        base_model=model,
+        train_dataset=train,
+        eval_dataset=train,
+        metric=resolve_metric(None, CAUSAL_LM),
+        collator=PadCollator(0, CAUSAL_LM),
+        training_args=tiny_training_args(str(tmp_path)),
+        dense_metric=10.0,
+    )
+    plan = TrialPlan((QuantizeConfig(bits=4, group_size=16),), RecoveryConfig(steps=3))
+    with pytest.raises(TrialFailedError, match="recovery diverged"):
+        run_trial(plan, context, tmp_path / "ck")

@@ -104,6 +104,7 @@ def recovery_arguments(template: TrainingArguments, plan: TrialPlan, output_dir:
         report_to="none",
         logging_strategy="steps",
         logging_steps=max(1, steps // 10),
+        logging_nan_inf_filter=False,  # the divergence guard must see NaN/inf losses, not a running mean
     )
 
 

@@ -18,8 +18,6 @@ from poft_autotune.compression.base import CompressionConfig, select_layers
 from poft_autotune.compression.structured import ARCHITECTURES
 from poft_autotune.errors import InvalidConfigError
 
-DENSE = "none"
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RecoveryConfig:
