@@ -14,6 +14,7 @@ import optuna
 from torch import nn
 from transformers import TrainingArguments
 
+from poft_autotune.dashboard import failure_note, save_study_note, save_trial_note, trial_note
 from poft_autotune.data import (
     CAUSAL_LM,
     Metric,
@@ -176,6 +177,10 @@ def autotune(
     model is the first trial. Each trial's shipped checkpoint is exported to
     ``<output_dir>/<study_name>/checkpoints/trial-<n>`` (its bytes on disk are the size on the front);
     ``keep_checkpoints``: ``"front"`` keeps those of front points, ``"all"`` every one, ``"none"`` none.
+    ``show_progress=True`` shows a progress bar over the trials and prints one line per trial above it;
+    ``False`` is quiet (nothing on stdout; the per-trial lines go to the ``poft_autotune`` logger at INFO).
+    Each trial also gets a markdown note for optuna-dashboard (:mod:`poft_autotune.dashboard`), and
+    ``<output_dir>/<study_name>/`` receives ``front.json``, ``front.png`` and ``report.md``.
     Example::
 
         front = autotune("path/to/model", train_ds, eval_ds, metric="accuracy", n_trials=12)
@@ -247,6 +252,9 @@ def autotune(
                 user_attrs={PLAN_ATTR: plan.to_dict(), RESULT_ATTR: result.to_dict(), **attrs},
             )
         )
+        dense_trial = study.get_trials(deepcopy=False)[-1]
+        note = trial_note(plan, result, trial_number=dense_trial.number, checkpoint=attrs.get(CHECKPOINT_ATTR))
+        save_trial_note(study, dense_trial, note)
         study.set_user_attr(DENSE_ATTR, {"metric": dense_metric, "size_bytes": size.total})
         logger.info("dense baseline: %s=%.4g, %d bytes", resolved.name, dense_metric, size.total)
     else:
@@ -273,6 +281,8 @@ def autotune(
                     shutil.rmtree(export_dir, ignore_errors=True)
                 trial.set_user_attr(ERROR_ATTR, f"{type(exc).__name__}: {exc}")
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                error = f"{type(exc).__name__}: {exc}"
+                save_trial_note(study, trial, failure_note(plan, error, trial_number=trial.number))
                 logger.warning("trial %d (%s) failed: %s", trial.number, plan.label, exc)
             except BaseException as exc:
                 trial.set_user_attr(ERROR_ATTR, f"{type(exc).__name__}: {exc}")
@@ -285,6 +295,12 @@ def autotune(
                 study.tell(trial, [result.size_bytes, result.recovered_metric])
                 if keep_checkpoints == "front":
                     _prune_checkpoints(study, checkpoints)
+                kept = export_dir is not None and export_dir.is_dir()  # "front" may have just deleted it
+                checkpoint = str(export_dir.resolve()) if kept and export_dir is not None else None
+                note = trial_note(
+                    plan, result, trial_number=trial.number, checkpoint=checkpoint, keep_checkpoints=keep_checkpoints
+                )
+                save_trial_note(study, trial, note)
                 message = (
                     f"trial {trial.number} {plan.label}: {result.size_bytes} B, {resolved.name} dense "
                     f"{result.dense_metric:.4g} -> compressed {result.compressed_metric:.4g} -> recovered "
@@ -303,12 +319,20 @@ def autotune(
     report_dir = out / name
     report_dir.mkdir(parents=True, exist_ok=True)
     front.to_json(report_dir / "front.json")
-    (report_dir / "report.md").write_text(
-        f"# Pareto front of study `{name}`\n\nSize: bytes of the exported checkpoint. Metric: {front.metric_name} "
+    figure = ""
+    try:
+        front.plot(report_dir / "front.png")
+        figure = "![front](front.png)\n\n"
+    except PoftError as exc:  # e.g. matplotlib missing: the report still has the table
+        logger.warning("no front.png: %s", exc)
+    summary = (
+        f"Size: bytes of the exported checkpoint. Metric: {front.metric_name} "
         f"({'higher' if front.greater_is_better else 'lower'} is better); dense {dense_metric:.4g}.\n\n"
-        + front.to_markdown()
-        + "\n"
     )
+    (report_dir / "report.md").write_text(
+        f"# Pareto front of study `{name}`\n\n{summary}{figure}{front.to_markdown()}\n"
+    )
+    save_study_note(study, f"## Pareto front\n\n{summary}{front.to_markdown()}\n")
     if not math.isfinite(dense_metric):
         logger.warning("the dense model's %s is not finite: %s", resolved.name, dense_metric)
     return front

@@ -1,4 +1,4 @@
-"""The Pareto front of size versus metric, rebuilt from the Optuna study alone."""
+"""The Pareto front of size versus metric, rebuilt from the Optuna study alone; tables and plots of it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any, overload
 
 import optuna
 
-from poft_autotune.errors import InvalidConfigError
+from poft_autotune.errors import InvalidConfigError, MissingDependencyError
 
 PLAN_ATTR = "plan"
 RESULT_ATTR = "result"
@@ -165,16 +165,148 @@ class ParetoFront(Sequence[ParetoPoint]):
 
     def to_markdown(self) -> str:
         """A table: trial, plan, size, the three metric numbers, retained and recovery steps."""
+        header, rows = self._rows()
+        align = ["---:", "---"] + ["---:"] * (len(header) - 2)
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+    def _rows(self) -> tuple[list[str], list[list[str]]]:
         m = self.metric_name
-        lines = [
-            f"| trial | plan | size | size (bytes) | dense {m} | compressed {m} | recovered {m} | retained | steps |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
-        ]
+        header = ["trial", "plan", "size", "size (bytes)", f"dense {m}", f"compressed {m}", f"recovered {m}"]
+        header += ["retained", "steps"]
+        rows = []
         for p in self.points:
             r = p.result
-            lines.append(
-                f"| {p.trial_number} | {p.label} | {_fmt_bytes(p.size_bytes)} | {p.size_bytes} | "
-                f"{r['dense_metric']:.4g} | {r['compressed_metric']:.4g} | {r['recovered_metric']:.4g} | "
-                f"{100 * p.retained:.1f} % | {r['recovery_steps']} |"
+            rows.append(
+                [
+                    str(p.trial_number),
+                    p.label,
+                    _fmt_bytes(p.size_bytes),
+                    str(p.size_bytes),
+                    f"{r['dense_metric']:.4g}",
+                    f"{r['compressed_metric']:.4g}",
+                    f"{r['recovered_metric']:.4g}",
+                    f"{100 * p.retained:.1f} %",
+                    str(r["recovery_steps"]),
+                ]
             )
-        return "\n".join(lines)
+        return header, rows
+
+    def to_table(self) -> str:
+        """The same columns as :meth:`to_markdown`, aligned as plain text for a terminal."""
+        header, rows = self._rows()
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+        def line(cells: list[str]) -> str:
+            # the plan (column 1) reads left-aligned, numbers right-aligned
+            return "  ".join(
+                c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            )
+
+        return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+    def _all_trials(self) -> list[tuple[float, float, bool]]:
+        """(size MiB, metric, is dense) of every completed trial with a poft result (the front's own if no study)."""
+        if self.study is None:
+            return [(p.size_bytes / 2**20, p.metric, p.is_dense) for p in self.points]
+        out = []
+        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if t.values is not None and RESULT_ATTR in t.user_attrs:
+                dense = not t.user_attrs.get(PLAN_ATTR, {}).get("compression")
+                out.append((t.values[0] / 2**20, float(t.values[1]), dense))
+        return out
+
+    def plot(self, path: str | Path) -> Path:
+        """Draw size (MiB) against the metric: every completed trial in grey, the front, the dense model.
+
+        ``.png`` (or any matplotlib format) is drawn with matplotlib's Agg canvas, without touching
+        pyplot's global state; ``.html`` is an interactive plotly figure (needs ``pip install plotly``).
+        The size axis is logarithmic when sizes span more than 10x. Example: ``front.plot("front.png")``.
+        """
+        path = Path(path)
+        trials = self._all_trials()
+        front = [(p.size_bytes / 2**20, p.metric, p.label, p.trial_number) for p in self.points]
+        sizes = [s for s, _, _ in trials] + [s for s, *_ in front]
+        log_x = bool(sizes) and min(sizes) > 0 and max(sizes) / min(sizes) > 10
+        direction = "higher" if self.greater_is_better else "lower"
+        y_label = f"{self.metric_name} ({direction} is better)"
+        x_label = "size of the exported checkpoint (MiB)"
+        name = self.study.study_name if self.study is not None else "poft"
+        title = f"Pareto front of study {name!r}: {len(front)} of {len(trials)} trials"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix.lower() in (".html", ".htm"):
+            return self._plot_html(path, trials, front, log_x, x_label, y_label, title)
+        try:
+            from matplotlib.figure import Figure
+        except ImportError as exc:
+            raise MissingDependencyError("ParetoFront.plot needs matplotlib: pip install matplotlib") from exc
+        fig = Figure(figsize=(8, 5), layout="constrained")
+        ax = fig.add_subplot()
+        others = [(s, m) for s, m, dense in trials if not dense]
+        if others:
+            xs, ys = [s for s, _ in others], [m for _, m in others]
+            ax.scatter(xs, ys, color="0.7", s=22, label=f"all trials ({len(trials)})", zorder=1)
+        if front:
+            xs, ys = [f[0] for f in front], [f[1] for f in front]
+            ax.plot(xs, ys, "-o", color="tab:blue", markersize=6, label="Pareto front", zorder=2)
+            for x, y, label, number in front:
+                ax.annotate(f"#{number} {label}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        dense_points = [(s, m) for s, m, dense in trials if dense]
+        if dense_points:
+            xs, ys = [s for s, _ in dense_points], [m for _, m in dense_points]
+            ax.scatter(xs, ys, marker="*", s=220, color="tab:red", label="dense", zorder=3)
+        if log_x:
+            from matplotlib.ticker import FuncFormatter
+
+            ax.set_xscale("log")
+            plain = FuncFormatter(lambda v, _: f"{v:g}")  # 3, 10, 40 rather than 3x10^0
+            ax.xaxis.set_major_formatter(plain)
+            ax.xaxis.set_minor_formatter(plain)
+        ax.margins(x=0.08, y=0.08)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+        fig.savefig(path, dpi=120)
+        return path
+
+    def _plot_html(
+        self,
+        path: Path,
+        trials: list[tuple[float, float, bool]],
+        front: list[tuple[float, float, str, int]],
+        log_x: bool,
+        x_label: str,
+        y_label: str,
+        title: str,
+    ) -> Path:
+        try:
+            import plotly.graph_objects as go
+        except ImportError as exc:
+            raise MissingDependencyError(
+                "ParetoFront.plot to .html needs plotly: pip install plotly (or plot to .png with matplotlib)."
+            ) from exc
+        fig = go.Figure()
+        others = [(s, m) for s, m, dense in trials if not dense]
+        if others:
+            xs, ys = [s for s, _ in others], [m for _, m in others]
+            fig.add_scatter(x=xs, y=ys, mode="markers", name="all trials", marker={"color": "lightgrey"})
+        if front:
+            fig.add_scatter(
+                x=[f[0] for f in front],
+                y=[f[1] for f in front],
+                mode="lines+markers",
+                name="Pareto front",
+                text=[f"#{f[3]} {f[2]}" for f in front],
+                hovertemplate="%{text}<br>%{x:.2f} MiB<br>%{y:.4g}<extra></extra>",
+            )
+        dense_points = [(s, m) for s, m, dense in trials if dense]
+        if dense_points:
+            xs, ys = [s for s, _ in dense_points], [m for _, m in dense_points]
+            fig.add_scatter(x=xs, y=ys, mode="markers", name="dense", marker={"symbol": "star", "size": 14})
+        fig.update_layout(title=title, xaxis_title=x_label, yaxis_title=y_label)
+        if log_x:
+            fig.update_xaxes(type="log")
+        fig.write_html(str(path), include_plotlyjs=True)  # self-contained: opens offline
+        return path
