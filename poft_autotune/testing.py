@@ -47,6 +47,25 @@ def tiny_bert(seed: int = 0, num_labels: int = 2, **overrides: Any) -> BertForSe
     return BertForSequenceClassification(BertConfig(**config))
 
 
+REVIEW_WORDS = ("good", "great", "fine", "fun", "bad", "awful", "dull", "poor", "the", "film", "was", "very")
+
+
+def save_tiny_text_classifier(directory: Any, words: tuple[str, ...] = REVIEW_WORDS) -> None:
+    """Save a tiny BERT classifier and a word-level tokenizer over ``words`` to ``directory``.
+
+    For tests of the "model path + raw text" route: no download, ``from_pretrained(directory)`` works.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+    tiny_bert(vocab_size=len(vocab)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
 def lm_dataset(n: int = 64, length: int = 16, vocab_size: int = 64, seed: int = 0) -> Any:
     """Token sequences with learnable structure: each row counts up from a random start (mod vocab)."""
     import datasets

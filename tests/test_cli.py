@@ -8,17 +8,21 @@ import optuna
 import pytest
 import transformers
 import yaml
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from poft_autotune import ParetoFront, SearchSpace, autotune, cli
 from poft_autotune.demo import DEMO_STEPS, DEMO_TRIALS, demo_config
 from poft_autotune.export import weight_bytes
 from poft_autotune.study_config import load_study_config, parse_study_config
-from poft_autotune.testing import classification_dataset, tiny_bert, tiny_training_args
+from poft_autotune.testing import (
+    REVIEW_WORDS,
+    classification_dataset,
+    save_tiny_text_classifier,
+    tiny_bert,
+    tiny_training_args,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = ["good", "great", "fine", "fun", "bad", "awful", "dull", "poor", "the", "film", "was", "very"]
+WORDS = REVIEW_WORDS
 
 
 @pytest.fixture(scope="module")
@@ -100,15 +104,6 @@ def test_dashboard_binds_loopback_and_prints_the_url(study, monkeypatch, capsys)
     assert f"http://127.0.0.1:{served[0][1]}/dashboard/" in capsys.readouterr().out
 
 
-def _saved_classifier(directory):
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
-    tiny_bert(vocab_size=len(vocab)).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-
-
 def _csv(path, n, seed):
     import random
 
@@ -124,7 +119,7 @@ def _csv(path, n, seed):
 @pytest.fixture
 def local_study(tmp_path):
     """A study directory with a tiny saved classifier, two CSV files and a valid definition."""
-    _saved_classifier(tmp_path / "model")
+    save_tiny_text_classifier(tmp_path / "model")
     (tmp_path / "data").mkdir()
     _csv(tmp_path / "data" / "train.csv", 48, 0)
     _csv(tmp_path / "data" / "eval.csv", 24, 1)

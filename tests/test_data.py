@@ -6,23 +6,12 @@ import datasets
 import numpy as np
 import optuna
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from poft_autotune import SearchSpace, autotune
 from poft_autotune.data import CLASSIFICATION, resolve_metric
-from poft_autotune.testing import tiny_bert, tiny_training_args
+from poft_autotune.testing import REVIEW_WORDS, save_tiny_text_classifier, tiny_training_args
 
-WORDS = ["good", "great", "fine", "fun", "bad", "awful", "dull", "poor", "the", "film", "was", "very"]
-
-
-def _saved_classifier(directory):
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
-    tiny_bert(vocab_size=len(vocab)).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+WORDS = REVIEW_WORDS
 
 
 def _reviews(n, seed):
@@ -34,7 +23,7 @@ def _reviews(n, seed):
 
 def test_model_path_with_raw_text_and_local_evaluate_module(tmp_path):
     model_dir = tmp_path / "model"
-    _saved_classifier(model_dir)
+    save_tiny_text_classifier(model_dir)
     module = tmp_path / "my_accuracy.py"
     module.write_text(
         textwrap.dedent(
