@@ -199,7 +199,10 @@ def autotune(
     num_labels = None
     if not isinstance(model, nn.Module) and "labels" not in getattr(train_dataset, "column_names", []):
         column = label_column if label_column in getattr(train_dataset, "column_names", []) else None
-        num_labels = len(set(train_dataset[column])) if column else None
+        # Class ids are 0..k-1: the largest id, not the number of distinct ones, sizes the head.
+        labels = list(train_dataset[column]) if column else []
+        ints = labels and all(isinstance(v, int) and not isinstance(v, bool) for v in labels)
+        num_labels = max(labels) + 1 if ints else None  # non-integer labels are rejected by prepare_dataset
     base, loaded_tokenizer = load_model(model, num_labels)
     tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
     task = detect_task(base)

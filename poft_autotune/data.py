@@ -227,6 +227,11 @@ def prepare_dataset(
         if label != "labels":
             dataset = dataset.rename_column(label, "labels")
         values = np.asarray(dataset["labels"])
+        if not np.issubdtype(values.dtype, np.integer):
+            raise InvalidConfigError(
+                f"`{split}` labels must be integer class ids, got values like {values[:3].tolist()!r} "
+                f"(dtype {values.dtype}). Map them to 0..k-1 first, e.g. with dataset.class_encode_column."
+            )
         if num_labels is not None and (values.min() < 0 or values.max() >= num_labels):
             raise InvalidConfigError(
                 f"`{split}` labels must be class ids in [0, {num_labels - 1}] for this model's head, got values in "

@@ -35,6 +35,10 @@ CASES = {
         dict(train=classification_dataset(16).map(lambda r: {"label": 5})),
         r"labels must be class ids in \[0, 1\]",
     ),
+    "string labels": (
+        dict(train=classification_dataset(16).map(lambda r: {"label": "pos"}, remove_columns=["label"])),
+        "labels must be integer class ids",
+    ),
     "raw text without tokenizer": (
         dict(train=datasets.Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]})),
         "no tokenizer is available",
