@@ -243,6 +243,12 @@ def prepare_dataset(
     return dataset.select_columns(keep)
 
 
+def rows_of(dataset: Any, index: slice | list[int]) -> list[dict[str, Any]]:
+    """Rows ``dataset[index]`` as a list of dicts, read in one columnar access (not one per row)."""
+    columns = dataset[index]
+    return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+
+
 @torch.no_grad()
 def evaluate_model(
     model: nn.Module, dataset: Any, metric: Metric, collator: PadCollator, batch_size: int = 32
@@ -256,9 +262,7 @@ def evaluate_model(
     refs: list[np.ndarray] = []
     try:
         for start in range(0, len(dataset), batch_size):
-            columns = dataset[start : start + batch_size]  # one columnar read per batch, not one per row
-            rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
-            batch = collator(rows)
+            batch = collator(rows_of(dataset, slice(start, start + batch_size)))
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")
             logits = model(**batch).logits.float()

@@ -21,7 +21,7 @@ from transformers import PrinterCallback, TrainingArguments, set_seed
 
 from poft_autotune.compression import compress_
 from poft_autotune.compression.base import strip_
-from poft_autotune.data import Metric, PadCollator, evaluate_model
+from poft_autotune.data import Metric, PadCollator, evaluate_model, rows_of
 from poft_autotune.errors import PoftError, TrialFailedError
 from poft_autotune.export import export_model, weight_bytes
 from poft_autotune.recovery import CompressionCallback, NonFiniteLossCallback, RecoveryTrainer
@@ -122,9 +122,7 @@ def calibration_batches(
     rows = order[: n_batches * batch_size].tolist()
     batches = []
     for start in range(0, len(rows), batch_size):
-        columns = dataset[rows[start : start + batch_size]]
-        features = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
-        batch = collator(features)
+        batch = collator(rows_of(dataset, rows[start : start + batch_size]))
         batch.pop("labels", None)
         batches.append(batch)
     return batches
