@@ -121,6 +121,13 @@ class CompressionConfig:
             data["targets"] = tuple(data["targets"])
         return cls(**data)
 
+    def to_params(self) -> dict[str, Any]:
+        """The Optuna parameters (``<method>.<field>``) that make ``suggest`` return this config; used to
+        enqueue a chosen plan. Fields ``suggest`` does not draw are ignored by it (e.g. ``targets``)."""
+        return {
+            f"{self.method}.{f.name}": getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "targets"
+        }
+
     @classmethod
     def suggest(cls, trial: optuna.Trial, choices: Mapping[str, Any]) -> CompressionConfig:
         """Draw a config from ``trial`` with parameters named ``<method>.<field>``."""

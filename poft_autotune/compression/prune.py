@@ -215,6 +215,9 @@ class NMConfig(CompressionConfig):
         criterion = trial.suggest_categorical("nm.criterion", list(choices.get("criterion", CRITERIA)))
         return cls(n=n, m=m, criterion=criterion)
 
+    def to_params(self) -> dict[str, Any]:
+        return {"nm.pattern": f"{self.n}:{self.m}", "nm.criterion": self.criterion}
+
     def short(self) -> str:
         return f"{self.n}:{self.m}" + ("-wanda" if self.criterion == "wanda" else "")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import optuna
 from torch import nn
@@ -60,6 +60,9 @@ class RecoveryConfig:
         return dataclasses.asdict(self)
 
 
+_SUGGESTED_RECOVERY = ("steps", "learning_rate", "distill_weight", "temperature", "lora_rank")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrialPlan:
     """What one trial does: compression configs (applied in order), recovery, and the seed."""
@@ -78,6 +81,18 @@ class TrialPlan:
             "recovery": self.recovery.to_dict(),
             "seed": self.seed,
         }
+
+    def to_params(self) -> dict[str, Any]:
+        """The Optuna parameters that make ``suggest_plan`` draw this plan, for ``study.enqueue_trial``."""
+        params: dict[str, Any] = {"method": "+".join(c.method for c in self.compression)}
+        for config in self.compression:
+            params.update(config.to_params())
+        params.update({f"recovery.{k}": v for k, v in self.recovery.to_dict().items() if k in _SUGGESTED_RECOVERY})
+        return params
+
+    def same_as(self, other: TrialPlan) -> bool:
+        """Equal apart from the seed (two trials of the same plan)."""
+        return self.compression == other.compression and self.recovery == other.recovery
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrialPlan:
@@ -182,3 +197,19 @@ def suggest_plan(trial: optuna.Trial, space: SearchSpace, seed: int = 0) -> Tria
         ),
     )
     return TrialPlan(compression=configs, recovery=recovery, seed=seed)
+
+
+def check_plan(plan: TrialPlan, space: SearchSpace) -> None:
+    """Raise InvalidConfigError unless ``space`` can express ``plan`` (its method combination and every
+    categorical choice; numbers may leave the ranges, e.g. a probe's 0 recovery steps)."""
+    combo = "+".join(c.method for c in plan.compression)
+    if combo not in space.methods:
+        raise InvalidConfigError(f"Method combination {combo!r} is not in the search space {list(space.methods)}.")
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            suggest_plan(cast(optuna.Trial, optuna.trial.FixedTrial(plan.to_params())), space)  # same suggest API
+    except ValueError as exc:
+        raise InvalidConfigError(f"Plan {plan.label!r} is outside the search space: {exc}") from exc
