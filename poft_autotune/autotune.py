@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -28,13 +29,24 @@ from poft_autotune.errors import InvalidConfigError, PoftError
 from poft_autotune.export import export_model
 from poft_autotune.pareto import CHECKPOINT_ATTR, PLAN_ATTR, RESULT_ATTR, ParetoFront
 from poft_autotune.search.objective import TrialContext, TrialResult, run_trial
-from poft_autotune.search.space import RecoveryConfig, SearchSpace, TrialPlan, suggest_plan
+from poft_autotune.search.policy import (
+    RATIONALE_ATTR,
+    Constraints,
+    Policy,
+    StudyView,
+    ask_next,
+    get_policy,
+)
+from poft_autotune.search.space import RecoveryConfig, SearchSpace, TrialPlan
+from poft_autotune.search.stopping import DominanceMonitor, EarlyStopping
 from poft_autotune.size import checkpoint_size
 
 logger = logging.getLogger("poft_autotune")
 
 DENSE_ATTR = "dense"
 ERROR_ATTR = "error"
+CONSTRAINTS_ATTR = "constraints"
+DEFAULT_STOPPING = EarlyStopping()
 KEEP_CHOICES = ("front", "all", "none")
 
 
@@ -107,7 +119,7 @@ def _study(
     storage: str | optuna.storages.BaseStorage | None,
     study_name: str,
     metric: Metric,
-    seed: int,
+    sampler: optuna.samplers.BaseSampler,
     output_dir: Path,
 ) -> optuna.Study:
     if storage is None:
@@ -122,7 +134,7 @@ def _study(
             study_name=study_name,
             storage=storage,
             directions=directions,
-            sampler=optuna.samplers.TPESampler(seed=seed),
+            sampler=sampler,
             load_if_exists=True,
         )
     except (ValueError, ImportError, optuna.exceptions.OptunaError) as exc:
@@ -147,6 +159,27 @@ def _record(trial: optuna.trial.BaseTrial, plan: TrialPlan, result: TrialResult)
     trial.set_user_attr(RESULT_ATTR, result.to_dict())
 
 
+def _with_rationale(note: str, rationale: str) -> str:
+    if not rationale:
+        return note
+    title, _, rest = note.partition("\n")
+    return f"{title}\n\n**Why this trial**: {rationale}\n{rest}"
+
+
+def _pruned_note(plan: TrialPlan, reason: str, number: int, rationale: str, curve: Any) -> str:
+    lines = [f"## Trial {number}: {plan.label} (stopped early)", "", f"**Why stopped**: {reason}", ""]
+    if curve:
+        lines += ["| step | metric |", "|---|---|"] + [f"| {s} | {v:.4f} |" for s, v in curve]
+    return _with_rationale("\n".join(lines) + "\n", rationale)
+
+
+def _say(progress: Any, message: str) -> None:
+    if progress is not None:
+        progress.write(message)  # above the bar; logging too would print it twice
+    else:
+        logger.info(message)
+
+
 def autotune(
     model: str | os.PathLike[str] | nn.Module,
     train_dataset: Any,
@@ -169,6 +202,11 @@ def autotune(
     output_dir: str | os.PathLike[str] = "studies",
     keep_checkpoints: str = "front",
     show_progress: bool = True,
+    policy: str | Policy = "agent",
+    early_stopping: EarlyStopping | None = DEFAULT_STOPPING,
+    promote: bool = True,
+    max_size_bytes: int | None = None,
+    min_retained: float | None = None,
 ) -> ParetoFront:
     """Search compression settings and recovery fine-tuning; return the size/metric Pareto front.
 
@@ -181,6 +219,14 @@ def autotune(
     ``False`` is quiet (nothing on stdout; the per-trial lines go to the ``poft_autotune`` logger at INFO).
     Each trial also gets a markdown note for optuna-dashboard (:mod:`poft_autotune.dashboard`), and
     ``<output_dir>/<study_name>/`` receives ``front.json``, ``front.png`` and ``report.md``.
+
+    ``policy``: who proposes trials: ``"agent"`` (probes, recovers, pushes and tunes like an expert and
+    records why on each trial; :mod:`poft_autotune.search.agent`), ``"tpe"``, ``"nsga2"``, ``"random"``
+    (Optuna samplers) or a :class:`~poft_autotune.search.policy.Policy` object. ``early_stopping``: stop a
+    recovery whose projected metric is dominated by the front at its size (``None`` turns it off).
+    ``promote``: the budget's last trials re-run short-recovery front points with ``space.steps[1]`` steps.
+    ``max_size_bytes`` / ``min_retained`` (fraction of the dense metric): constraints; trials that miss them
+    stay in the study, off the front (a plan over the size limit is stopped right after compression).
     Example::
 
         front = autotune("path/to/model", train_ds, eval_ds, metric="accuracy", n_trials=12)
@@ -191,6 +237,12 @@ def autotune(
         raise InvalidConfigError(f"`keep_checkpoints` must be one of {KEEP_CHOICES}, got {keep_checkpoints!r}.")
     if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials <= 0:
         raise InvalidConfigError(f"`n_trials` must be a positive integer, got {n_trials!r}.")
+    constraints = Constraints(max_size_bytes, min_retained)
+    chosen = get_policy(policy)
+    if early_stopping is not None and not isinstance(early_stopping, EarlyStopping):
+        raise InvalidConfigError(
+            f"`early_stopping` must be an EarlyStopping or None, got {type(early_stopping).__name__}."
+        )
     if space is None:
         space = SearchSpace() if methods is None else SearchSpace(methods=tuple(methods))
     elif methods is not None:
@@ -225,7 +277,14 @@ def autotune(
     collator = PadCollator(int(pad_id or 0), task)
     name = study_name or "poft"
     out = Path(output_dir)
-    study = _study(storage, name, resolved, seed, out)
+    study = _study(storage, name, resolved, chosen.sampler(seed), out)
+    stored_constraints = study.user_attrs.get(CONSTRAINTS_ATTR)
+    wanted = dataclasses.asdict(constraints)
+    if stored_constraints is not None and stored_constraints != wanted:
+        raise InvalidConfigError(
+            f"Study {name!r} was run with constraints {stored_constraints}, this run asks for {wanted}; "
+            "feasibility is part of a study's definition. Use another study_name."
+        )
     checkpoints = out / name / "checkpoints"
 
     base.to(args.device).eval()
@@ -249,19 +308,25 @@ def autotune(
             0,
             {},
         )
+        # The key format is the one Trial.set_constraint writes; the dense model must be judged like any trial.
+        system_attrs = {f"constraints:{k}": v for k, v in constraints.values(size.total, 1.0).items()}
+        attrs[RATIONALE_ATTR] = "the dense model as given: the reference point"
         study.add_trial(
             optuna.trial.create_trial(
                 values=[size.total, dense_metric],
                 user_attrs={PLAN_ATTR: plan.to_dict(), RESULT_ATTR: result.to_dict(), **attrs},
+                system_attrs=system_attrs,
             )
         )
         dense_trial = study.get_trials(deepcopy=False)[-1]
         note = trial_note(plan, result, trial_number=dense_trial.number, checkpoint=attrs.get(CHECKPOINT_ATTR))
         save_trial_note(study, dense_trial, note)
         study.set_user_attr(DENSE_ATTR, {"metric": dense_metric, "size_bytes": size.total})
+        study.set_user_attr(CONSTRAINTS_ATTR, wanted)
         logger.info("dense baseline: %s=%.4g, %d bytes", resolved.name, dense_metric, size.total)
     else:
         dense_metric = float(dense["metric"])
+    dense_size = int(study.user_attrs[DENSE_ATTR]["size_bytes"])
     context = TrialContext(
         base, train, evaluation, resolved, collator, args, dense_metric, eval_batch_size, tokenizer=tokenizer
     )
@@ -272,20 +337,43 @@ def autotune(
 
         progress = tqdm(total=n_trials, desc="poft trials", unit="trial")
     try:
-        for _ in range(n_trials):
-            trial = study.ask()
-            plan = suggest_plan(trial, space, seed=seed + trial.number)
-            trial.set_user_attr(PLAN_ATTR, plan.to_dict())
+        for done in range(n_trials):
+            left = n_trials - done
+
+            def view(left: int = left) -> StudyView:
+                return StudyView.read(
+                    study,
+                    space,
+                    dense_metric=dense_metric,
+                    dense_size=dense_size,
+                    greater_is_better=resolved.greater_is_better,
+                    budget_left=left,
+                    budget_total=n_trials,
+                    constraints=constraints,
+                    seed=seed,
+                )
+
+            trial, plan = ask_next(study, space, chosen, view(), promote=promote, seed=seed)
             export_dir = None if keep_checkpoints == "none" else checkpoints / f"trial-{trial.number}"
+            monitor = DominanceMonitor(trial, early_stopping or EarlyStopping(checks=0), view, constraints)
+            rationale = trial.user_attrs.get(RATIONALE_ATTR, "")
             try:
-                result = run_trial(plan, context, export_dir)
+                result = run_trial(plan, context, export_dir, monitor=monitor)
+            except optuna.TrialPruned as exc:
+                if export_dir is not None:
+                    shutil.rmtree(export_dir, ignore_errors=True)
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                save_trial_note(study, trial, _pruned_note(plan, str(exc), trial.number, rationale, monitor.curve))
+                _say(progress, f"trial {trial.number} {plan.label}: stopped early: {exc}")
             except PoftError as exc:
                 if export_dir is not None:
                     shutil.rmtree(export_dir, ignore_errors=True)
                 trial.set_user_attr(ERROR_ATTR, f"{type(exc).__name__}: {exc}")
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 error = f"{type(exc).__name__}: {exc}"
-                save_trial_note(study, trial, failure_note(plan, error, trial_number=trial.number))
+                save_trial_note(
+                    study, trial, _with_rationale(failure_note(plan, error, trial_number=trial.number), rationale)
+                )
                 logger.warning("trial %d (%s) failed: %s", trial.number, plan.label, exc)
             except BaseException as exc:
                 trial.set_user_attr(ERROR_ATTR, f"{type(exc).__name__}: {exc}")
@@ -293,6 +381,8 @@ def autotune(
                 raise
             else:
                 _record(trial, plan, result)
+                for key, value in constraints.values(result.size_bytes, result.retained).items():
+                    trial.set_constraint(key, value)
                 if export_dir is not None:
                     trial.set_user_attr(CHECKPOINT_ATTR, str(export_dir.resolve()))
                 study.tell(trial, [result.size_bytes, result.recovered_metric])
@@ -303,16 +393,13 @@ def autotune(
                 note = trial_note(
                     plan, result, trial_number=trial.number, checkpoint=checkpoint, keep_checkpoints=keep_checkpoints
                 )
-                save_trial_note(study, trial, note)
-                message = (
+                save_trial_note(study, trial, _with_rationale(note, rationale))
+                _say(
+                    progress,
                     f"trial {trial.number} {plan.label}: {result.size_bytes} B, {resolved.name} dense "
                     f"{result.dense_metric:.4g} -> compressed {result.compressed_metric:.4g} -> recovered "
-                    f"{result.recovered_metric:.4g} ({100 * result.retained:.1f} % retained, {plan.recovery.steps} steps)"
+                    f"{result.recovered_metric:.4g} ({100 * result.retained:.1f} % retained, {plan.recovery.steps} steps)",
                 )
-                if progress is not None:
-                    progress.write(message)  # above the bar; logging too would print it twice
-                else:
-                    logger.info(message)
             if progress is not None:
                 progress.update(1)
     finally:

@@ -151,12 +151,13 @@ def test_bert_classifier_end_to_end(tmp_path):
     _check_front(front, study)
     dense_acc = study.user_attrs[DENSE_ATTR]["metric"]
     assert dense_acc > 0.7, "the pretrained tiny classifier should beat chance clearly"
-    for trial in study.trials[1:]:
+    for trial in study.get_trials(states=[optuna.trial.TrialState.COMPLETE])[1:]:
         result = trial.user_attrs[RESULT_ATTR]
         assert 0 <= result["recovered_metric"] <= 1
         assert result["retained"] == pytest.approx(result["recovered_metric"] / dense_acc)
         assert result["size_bytes"] < study.trials[0].values[0]
-        assert set(result["timings"]) >= {"compress_s", "recover_s", "eval_compressed_s", "eval_recovered_s"}
+        timed = {"compress_s", "eval_compressed_s"} | ({"eval_recovered_s"} if result["recovery_steps"] else set())
+        assert set(result["timings"]) >= timed
 
 
 def test_front_checkpoints_are_the_shipped_models(llama_study, tmp_path):

@@ -6,6 +6,7 @@ Order per optimizer step in the Trainer: backward (pruned gradients already mask
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -92,3 +93,23 @@ class NonFiniteLossCallback(TrainerCallback):
         if loss is not None and not torch.isfinite(torch.tensor(float(loss))):
             self.bad_loss = float(loss)
             control.should_training_stop = True
+
+
+class EvaluationCallback(TrainerCallback):
+    """Evaluate the model after the given optimizer steps and hand the number to ``report``.
+
+    ``report`` may raise (``optuna.TrialPruned`` from early stopping): the exception ends ``train()``.
+    The weights evaluated are the shipped values (``.weight`` always holds them), so the curve is of the
+    model as it would ship at that step (LoRA adapters unmerged).
+    """
+
+    def __init__(
+        self, steps: Sequence[int], evaluate: Callable[[nn.Module], float], report: Callable[[int, float], None]
+    ) -> None:
+        self.steps = set(steps)
+        self.evaluate = evaluate
+        self.report = report
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if state.global_step in self.steps:
+            self.report(state.global_step, self.evaluate(kwargs["model"]))

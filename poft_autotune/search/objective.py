@@ -13,7 +13,8 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ from poft_autotune.compression.base import strip_
 from poft_autotune.data import Metric, PadCollator, evaluate_model, rows_of
 from poft_autotune.errors import PoftError, TrialFailedError
 from poft_autotune.export import export_model, weight_bytes
-from poft_autotune.recovery import CompressionCallback, NonFiniteLossCallback, RecoveryTrainer
+from poft_autotune.recovery import CompressionCallback, EvaluationCallback, NonFiniteLossCallback, RecoveryTrainer
 from poft_autotune.recovery.lora import attach_lora, merge_lora_
 from poft_autotune.search.space import TrialPlan
 from poft_autotune.size import checkpoint_size
@@ -90,6 +91,21 @@ class TrialResult:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+class TrialMonitor(Protocol):
+    """Watches a trial as it runs (early stopping: :class:`poft_autotune.search.stopping.DominanceMonitor`).
+
+    ``start`` gets the size right after compression; ``report`` gets ``(0, after-compression metric)``
+    and then ``(step, metric)`` at each of ``eval_steps(max_steps)`` during recovery. Either may raise
+    ``optuna.TrialPruned`` to stop the trial.
+    """
+
+    def eval_steps(self, max_steps: int) -> Sequence[int]: ...
+
+    def start(self, size_bytes: int) -> None: ...
+
+    def report(self, step: int, metric: float) -> None: ...
+
+
 def recovery_arguments(template: TrainingArguments, plan: TrialPlan, output_dir: str) -> TrainingArguments:
     """The user's TrainingArguments with the plan's recovery settings; no checkpoints, no reporting."""
     steps = plan.recovery.steps
@@ -128,7 +144,9 @@ def calibration_batches(
     return batches
 
 
-def _recover(model: nn.Module, plan: TrialPlan, context: TrialContext) -> tuple[nn.Module, list[float]]:
+def _recover(
+    model: nn.Module, plan: TrialPlan, context: TrialContext, monitor: TrialMonitor | None = None
+) -> tuple[nn.Module, list[float]]:
     """Fine-tune ``model`` per ``plan.recovery``; returns the trained model (peft-wrapped for LoRA) and the losses."""
     recovery = plan.recovery
     trained = model
@@ -138,6 +156,11 @@ def _recover(model: nn.Module, plan: TrialPlan, context: TrialContext) -> tuple[
         )
     output_dir = tempfile.mkdtemp(prefix="poft-trial-")
     guard = NonFiniteLossCallback()
+    callbacks: list[Any] = [CompressionCallback(trained), guard]
+    if monitor is not None:
+        steps = monitor.eval_steps(recovery.steps)
+        if steps:
+            callbacks.append(EvaluationCallback(steps, lambda m: _evaluate(m, context), monitor.report))
     try:
         trainer = RecoveryTrainer(
             model=trained,
@@ -147,7 +170,7 @@ def _recover(model: nn.Module, plan: TrialPlan, context: TrialContext) -> tuple[
             teacher=context.base_model if recovery.distill_weight > 0 else None,
             distill_weight=recovery.distill_weight,
             temperature=recovery.temperature,
-            callbacks=[CompressionCallback(trained), guard],
+            callbacks=callbacks,
         )
         trainer.remove_callback(PrinterCallback)  # we log one line per trial instead of raw dicts
         trainer.train()
@@ -159,11 +182,22 @@ def _recover(model: nn.Module, plan: TrialPlan, context: TrialContext) -> tuple[
     return trained, train_loss
 
 
-def run_trial(plan: TrialPlan, context: TrialContext, export_dir: str | os.PathLike[str] | None = None) -> TrialResult:
+def _evaluate(model: nn.Module, context: TrialContext) -> float:
+    return evaluate_model(model, context.eval_dataset, context.metric, context.collator, context.eval_batch_size)
+
+
+def run_trial(
+    plan: TrialPlan,
+    context: TrialContext,
+    export_dir: str | os.PathLike[str] | None = None,
+    *,
+    monitor: TrialMonitor | None = None,
+) -> TrialResult:
     """Run ``plan`` on a fresh copy of the base model and measure the shipped result.
 
     With ``export_dir`` the shipped checkpoint is written there (``export_model``) and its bytes on
-    disk are checked against the size. Raises ``TrialFailedError`` when recovery diverges.
+    disk are checked against the size. ``monitor`` sees the size and the learning curve and may stop
+    the trial (``optuna.TrialPruned``). Raises ``TrialFailedError`` when recovery diverges.
     """
     timings: dict[str, float] = {}
     set_seed(plan.seed)
@@ -178,19 +212,23 @@ def run_trial(plan: TrialPlan, context: TrialContext, export_dir: str | os.PathL
             )
         compress_(model, plan.compression, calibration=calibration)
     timings["compress_s"] = time.perf_counter() - start
+    if monitor is not None:
+        monitor.start(checkpoint_size(model).total)
 
     def measure(key: str) -> float:
         t = time.perf_counter()
-        value = evaluate_model(model, context.eval_dataset, context.metric, context.collator, context.eval_batch_size)
+        value = _evaluate(model, context)
         timings[key] = time.perf_counter() - t
         return value
 
     compressed_metric = measure("eval_compressed_s")
+    if monitor is not None:
+        monitor.report(0, compressed_metric)
     train_loss: list[float] = []
     t = time.perf_counter()
     unmerged_metric = None
     if plan.recovery.steps > 0:
-        model, train_loss = _recover(model, plan, context)
+        model, train_loss = _recover(model, plan, context, monitor)
         if plan.recovery.lora_rank > 0:
             # Measured before merging so the cost of merge + re-compression is visible (with a quantized
             # base, updates smaller than half a grid step are rounded away).
