@@ -105,3 +105,51 @@ def tiny_training_args(output_dir: str, **overrides: Any) -> TrainingArguments:
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
+
+
+def synthetic_table(space: Any, *, dense_metric: float = 0.9, dense_size: int = 1_000_000, max_steps: int = 60) -> Any:
+    """A :class:`~poft_autotune.search.replay.TrialTable` from a closed-form model of compression and
+    recovery, for policy tests (the real benchmark records its table from real trials).
+
+    Covers the agent's ladders of every method combination in ``space`` at three learning rates. Size
+    shrinks with fewer bits and more sparsity; the accuracy drop grows steeply past ~4 bits or ~60 %
+    sparsity; recovery closes a share of the drop that falls with its depth and is best at the middle
+    learning rate, approaching it as ``1 - exp(-steps / 20)``.
+    """
+    import math
+
+    from poft_autotune.search.agent import ladders
+    from poft_autotune.search.replay import TableRow, TrialTable
+    from poft_autotune.search.space import RecoveryConfig, TrialPlan
+
+    def effect(config: Any) -> tuple[float, float]:  # (size factor, accuracy drop)
+        if config.method == "quantize":
+            overhead = 0.0 if config.group_size is None else 16 / config.group_size
+            return (config.bits + overhead) / 32, 0.02 * max(0.0, 6 - config.bits) ** 2 * (
+                0.6 if config.group_size else 1.0
+            )
+        if config.method == "prune":
+            return 1 - config.sparsity + 1 / 32, 0.5 * config.sparsity**3
+        if config.method == "nm":
+            return 0.5 + 1 / 16, 0.04 if config.m == 8 else 0.07
+        return 0.7, 0.05
+
+    low, high = space.learning_rate
+    middle = math.sqrt(low * high)
+    rows = []
+    for rungs in ladders(space).values():
+        for rung in rungs:
+            size, drop = 1.0, 0.0
+            for config in rung.configs:
+                s, d = effect(config)
+                size, drop = size * s, drop + d
+            drop = min(drop, dense_metric - 0.5)
+            for lr in sorted({low, middle, high}):
+                share = max(0.0, 0.95 - drop) * (1.0 if lr == middle else 0.7)
+                curve = tuple(
+                    (s, dense_metric - drop + share * drop * (1 - math.exp(-s / 20)))
+                    for s in range(0, max_steps + 1, 10)
+                )
+                plan = TrialPlan(rung.configs, RecoveryConfig(steps=max_steps, learning_rate=lr))
+                rows.append(TableRow(plan, round(dense_size * size), curve))
+    return TrialTable(rows, dense_metric, dense_size)
