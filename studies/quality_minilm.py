@@ -17,14 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
-
 from poft_autotune import NMConfig, PruneConfig, QuantizeConfig, RecoveryConfig, TrialPlan, run_trial
 from poft_autotune.compression.structured import StructuredConfig
-from poft_autotune.data import CLASSIFICATION, PadCollator, evaluate_model, prepare_dataset, resolve_metric
-from poft_autotune.demo import finetuned_minilm, minilm_splits
+from poft_autotune.demo import minilm_trial_context
 from poft_autotune.export import weight_bytes
-from poft_autotune.search.objective import TrialContext
 
 PLANS = {
     "dense + recovery": (),
@@ -52,26 +48,8 @@ def main() -> None:
     parser.add_argument("--out", default="studies/quality_minilm.md")
     args = parser.parse_args()
 
-    base_train, search_train, evaluation = minilm_splits()
-    base_dir = finetuned_minilm(base_train, args.base_steps)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    base = AutoModelForSequenceClassification.from_pretrained(base_dir).eval()
-    common = {"tokenizer": tokenizer, "max_length": 64, "num_labels": 2}
-    train = prepare_dataset(search_train, CLASSIFICATION, split="train", **common)
-    evaluation = prepare_dataset(evaluation, CLASSIFICATION, split="eval", **common)
-    metric = resolve_metric("accuracy", CLASSIFICATION)
-    collator = PadCollator(tokenizer.pad_token_id, CLASSIFICATION)
-    dense = evaluate_model(base, evaluation, metric, collator, 64)
-    training_args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(),
-        per_device_train_batch_size=16,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    context = TrialContext(base, train, evaluation, metric, collator, training_args, dense, 64, tokenizer=tokenizer)
+    context = minilm_trial_context(args.base_steps)
+    dense = context.dense_metric
     rows = []
     for label, configs in PLANS.items():
         start = time.perf_counter()
