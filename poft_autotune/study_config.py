@@ -24,6 +24,11 @@ A definition (``poft-autotune run study.yaml``)::
     output_dir: .                     # default: the file's directory; the study is <output_dir>/<study_name>.db
     storage: null                     # or an Optuna storage URL, used as given
     keep_checkpoints: front           # front | all | none
+    policy: agent                     # agent | tpe | nsga2 | random
+    early_stopping: {checks: 3, min_steps: 10, margin: 0.005}   # or false
+    promote: true                     # re-run short-recovery front points at space.steps' high end
+    max_size_bytes: 40000000          # optional constraints: bytes of the exported checkpoint,
+    min_retained: 0.98                # and the fraction of the dense metric to keep
     training: {batch_size: 16, max_length: 128, eval_batch_size: 32}
 
 Relative paths (``model``, ``data.train``, ``data.eval``, ``output_dir``) are relative to the YAML file.
@@ -43,7 +48,9 @@ from typing import Any
 
 from poft_autotune.errors import InvalidConfigError, MissingDependencyError
 from poft_autotune.pareto import ParetoFront
+from poft_autotune.search.policy import available_policies
 from poft_autotune.search.space import SearchSpace
+from poft_autotune.search.stopping import EarlyStopping
 
 DEMO_MODELS = ("minilm_sentiment",)
 DEMO_DATA = ("movie_snippets",)
@@ -139,6 +146,11 @@ TOP: dict[str, Check] = {
     "output_dir": STR,
     "keep_checkpoints": STR,
     "training": MAPPING,
+    "policy": STR,
+    "early_stopping": ("a mapping {checks, min_steps, margin} or false", lambda v: v if v is False else _mapping(v)),
+    "promote": BOOL,
+    "max_size_bytes": POS_INT,
+    "min_retained": FLOAT,
 }
 REQUIRED = {"model": "a local model directory or a Hub id", "data": "the train and eval data"}
 SPACE: dict[str, Check] = {
@@ -239,6 +251,11 @@ class StudyConfig:
     storage: str | None = None
     keep_checkpoints: str = "front"
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    policy: str = "agent"
+    early_stopping: EarlyStopping | None = dataclasses.field(default_factory=EarlyStopping)
+    promote: bool = True
+    max_size_bytes: int | None = None
+    min_retained: float | None = None
 
     @property
     def storage_url(self) -> str:
@@ -375,6 +392,15 @@ def parse_study_config(
     keep = top.get("keep_checkpoints", "front")
     if keep not in KEEP:
         problems.append(f"'keep_checkpoints' must be one of {list(KEEP)}, got {keep!r}")
+    policy = top.get("policy", "agent")
+    if policy not in available_policies():
+        problems.append(f"'policy' must be one of {available_policies()}, got {policy!r}")
+    stopping: EarlyStopping | None = None
+    if top.get("early_stopping", {}) is not False:
+        try:
+            stopping = EarlyStopping(**top.get("early_stopping", {}))
+        except (InvalidConfigError, TypeError) as exc:
+            problems.append(f"'early_stopping': {exc}")
     if problems or model is None or data is None or space is None:
         listed = "\n".join(f"  - {p}" for p in problems)
         raise InvalidConfigError(f"Invalid study definition {source}:\n{listed}")
@@ -391,6 +417,11 @@ def parse_study_config(
         storage=top.get("storage"),
         keep_checkpoints=keep,
         training=training,
+        policy=policy,
+        early_stopping=stopping,
+        promote=top.get("promote", True),
+        max_size_bytes=top.get("max_size_bytes"),
+        min_retained=top.get("min_retained"),
     )
 
 
@@ -481,4 +512,9 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> ParetoFront
             output_dir=config.output_dir,
             keep_checkpoints=config.keep_checkpoints,
             show_progress=show_progress,
+            policy=config.policy,
+            early_stopping=config.early_stopping,
+            promote=config.promote,
+            max_size_bytes=config.max_size_bytes,
+            min_retained=config.min_retained,
         )

@@ -177,6 +177,14 @@ def test_run_a_yaml_study_on_local_csv(local_study, capsys):
         ({"data": {"train": "data/train.csv"}}, ["'data' needs 'data.eval'"]),
         ({"data": {"train": "nope.csv", "eval": "data/eval.csv"}}, ["'data.train': no such file"]),
         ({"space": {"steps": [5, 2]}}, ["'space.steps' must be [low, high]"]),
+        (
+            {"policy": "bayes", "early_stopping": {"checks": -1}, "min_retained": "high"},
+            [
+                "'policy' must be one of ['agent', 'nsga2'",
+                "`EarlyStopping.checks` must be",
+                "'min_retained' must be",
+            ],
+        ),
     ],
 )
 def test_bad_study_files_fail_with_every_problem_listed(local_study, change, messages, capsys):
@@ -236,3 +244,18 @@ def test_example_study_files_are_valid(local_study):
     definition["data"].update(train=str(tmp_path / "data" / "train.csv"), eval=str(tmp_path / "data" / "eval.csv"))
     config = parse_study_config(definition)
     assert config.space.choices == {"quantize": {"bits": [3, 8]}} and config.n_trials == 12
+
+
+def test_search_settings_in_a_study_file(local_study):
+    tmp_path, definition = local_study
+    config = parse_study_config(
+        {**definition, "policy": "nsga2", "early_stopping": False, "promote": False, "max_size_bytes": 10**6},
+        base_dir=tmp_path,
+    )
+    assert (config.policy, config.early_stopping, config.promote, config.max_size_bytes) == (
+        "nsga2",
+        None,
+        False,
+        10**6,
+    )
+    assert parse_study_config(definition, base_dir=tmp_path).policy == "agent"
