@@ -353,7 +353,7 @@ def autotune(
                     seed=seed,
                 )
 
-            trial, plan = ask_next(study, space, chosen, view(), promote=promote, seed=seed)
+            trial, plan = ask_next(study, space, chosen, view, promote=promote, seed=seed)
             export_dir = None if keep_checkpoints == "none" else checkpoints / f"trial-{trial.number}"
             monitor = DominanceMonitor(trial, early_stopping or EarlyStopping(checks=0), view, constraints)
             rationale = trial.user_attrs.get(RATIONALE_ATTR, "")

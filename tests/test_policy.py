@@ -14,8 +14,11 @@ from poft_autotune.errors import InvalidConfigError
 from poft_autotune.search.agent import AgentPolicy, CallablePolicy
 from poft_autotune.search.policy import (
     PARENT_ATTR,
+    PRUNED_ATTR,
     RATIONALE_ATTR,
     Constraints,
+    StudyView,
+    ask_next,
     available_policies,
     get_policy,
     hypervolume,
@@ -140,3 +143,32 @@ def test_hypervolume_by_hand():
     assert hypervolume([(0.25, 0.98), (0.5, 1.0)]) == pytest.approx(0.75 * 0.98 + 0.5 * 0.02)
     assert hypervolume([(0.5, 1.0), (0.25, 0.98), (0.6, 0.9)]) == pytest.approx(0.75 * 0.98 + 0.5 * 0.02)
     assert hypervolume([(1.2, 1.0)]) == 0.0
+
+
+def test_concurrent_agents_never_run_a_plan_twice(tmp_path):
+    """Two workers read the study at the same moment and propose the same plan: it runs once."""
+    storage = f"sqlite:///{tmp_path}/shared.db"
+    study_a = _study(storage, "shared", AgentPolicy())
+    replay(AgentPolicy(), TABLE, SPACE, 2, study=study_a)  # some history
+    study_b = optuna.load_study(study_name="shared", storage=storage)
+
+    def view_of(study):
+        return lambda: StudyView.read(
+            study,
+            SPACE,
+            dense_metric=TABLE.dense_metric,
+            dense_size=TABLE.dense_size,
+            greater_is_better=True,
+            budget_left=10,
+            budget_total=10,
+        )
+
+    frozen = view_of(study_a)()  # both workers decide from the same snapshot
+    a, b = AgentPolicy(), AgentPolicy()
+    assert a.propose(frozen).plan.same_as(b.propose(frozen).plan)
+    trial_a, plan_a = ask_next(study_a, SPACE, a, lambda: frozen)
+    views = iter([frozen])  # worker b decides from the stale snapshot first, then reads the study again
+    trial_b, plan_b = ask_next(study_b, SPACE, b, lambda: next(views, None) or view_of(study_b)())
+    assert not plan_a.same_as(plan_b), "the second worker skipped the duplicate and took the next plan"
+    skipped = [t for t in study_b.trials if str(t.user_attrs.get(PRUNED_ATTR, "")).startswith("duplicate of")]
+    assert len(skipped) == 1 and f"duplicate of trial {trial_a.number}" in skipped[0].user_attrs[PRUNED_ATTR]

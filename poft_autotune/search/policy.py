@@ -326,10 +326,48 @@ def _random() -> Policy:
 
 
 def ask_next(
-    study: optuna.Study, space: SearchSpace, policy: Policy, view: StudyView, *, promote: bool = True, seed: int = 0
+    study: optuna.Study,
+    space: SearchSpace,
+    policy: Policy,
+    view: Callable[[], StudyView],
+    *,
+    promote: bool = True,
+    seed: int = 0,
 ) -> tuple[optuna.Trial, TrialPlan]:
     """Ask the study for the next trial: a promotion when the budget's tail is reserved for them, else the
-    policy's proposal (enqueued with its rationale, so the storage holds it), else the sampler's draw."""
+    policy's proposal (enqueued with its rationale, so the storage holds it), else the sampler's draw.
+
+    ``view`` reads the study afresh. Workers sharing a study may propose the same plan at the same moment;
+    the later trial of such a pair is closed as PRUNED ("duplicate of trial N") and the next one is asked
+    for, so a plan runs once.
+    """
+    for _ in range(8):
+        trial, plan = _ask_once(study, space, policy, view(), promote, seed)
+        if trial.user_attrs.get(KIND_ATTR) == "sampler":
+            return trial, plan
+        twin = _earlier_twin(study, trial.number, plan)
+        if twin is None:
+            return trial, plan
+        reason = f"duplicate of trial {twin} (proposed by two workers at once); skipped"
+        trial.set_user_attr(PRUNED_ATTR, reason)
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    return trial, plan
+
+
+def _earlier_twin(study: optuna.Study, number: int, plan: TrialPlan) -> int | None:
+    """An earlier running or finished (not failed: a failed plan may be retried) trial of the same plan."""
+    states = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    for other in study.get_trials(deepcopy=False, states=states):
+        skipped = str(other.user_attrs.get(PRUNED_ATTR, "")).startswith("duplicate of")
+        if other.number < number and PLAN_ATTR in other.user_attrs and not skipped:
+            if TrialPlan.from_dict(other.user_attrs[PLAN_ATTR]).same_as(plan):
+                return other.number
+    return None
+
+
+def _ask_once(
+    study: optuna.Study, space: SearchSpace, policy: Policy, view: StudyView, promote: bool, seed: int
+) -> tuple[optuna.Trial, TrialPlan]:
     from poft_autotune.search.stopping import pending_promotions, promotion  # stopping imports this module
 
     proposal = None

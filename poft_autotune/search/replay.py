@@ -164,7 +164,7 @@ def replay(
                 seed=seed,
             )
 
-        trial, plan = ask_next(study, space, policy, view(), promote=promote, seed=seed)
+        trial, plan = ask_next(study, space, policy, view, promote=promote, seed=seed)
         row = table.nearest(plan)
         steps = min(plan.recovery.steps, row.max_steps)
         monitor = DominanceMonitor(trial, rule, view, constraints)
