@@ -187,7 +187,7 @@ class AgentPolicy:
         probes = {
             _key(r.plan.compression): r for r in view.records if r.plan.recovery.steps == 0 and r.plan.compression
         }
-        budget = max(len(rungs), round(self.probe_share * view.budget_total))
+        budget = max(2, round(self.probe_share * view.budget_total))
         moves = (
             lambda: self._probe(view, rungs, probes) if len(probes) < budget else None,
             lambda: self._recover(view, probes),
