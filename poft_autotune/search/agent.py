@@ -229,9 +229,14 @@ class AgentPolicy:
         low = max(held)
         high = min([f for f in fell if f > low], default=len(ladder))
         if high - low <= 1:
-            # Cliff found: fill in the unprobed rungs that held, deepest first (milder levels ship
-            # near-lossless points the front also needs).
-            gaps = [i for i in range(low - 1, -1, -1) if _key(ladder[i].configs) not in probes]
+            # Cliff found. Milder rungs are bigger: they can add a front point only between the deepest
+            # near-lossless rung (>= 99 % kept) and the deepest that held; fill those in, deepest first.
+            lossless = -1
+            for i, rung in enumerate(ladder):
+                record = probes.get(_key(rung.configs))
+                if record is not None and record.compressed is not None and view.retained(record.compressed) >= 0.99:
+                    lossless = i
+            gaps = [i for i in range(low - 1, lossless, -1) if _key(ladder[i].configs) not in probes]
             return gaps[0] if gaps else None
         if low == -1 and high == len(ladder):
             index = len(ladder) // 2
