@@ -1,17 +1,28 @@
-"""Tiny models and synthetic data for tests and examples: built from configs, nothing downloaded."""
+"""Tiny models and synthetic data for tests and examples: built from configs, nothing downloaded.
+
+Also :class:`InvariantChecker`, a Trainer callback that checks the compression invariants during any
+recovery run (single process or data parallel) and counts what it checked.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
     LlamaConfig,
     LlamaForCausalLM,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
     TrainingArguments,
 )
+
+from poft_autotune.compression.base import compressed_layers, get_mask, get_quant, master_weight
 
 
 def tiny_llama(seed: int = 0, **overrides: Any) -> LlamaForCausalLM:
@@ -153,3 +164,77 @@ def synthetic_table(space: Any, *, dense_metric: float = 0.9, dense_size: int = 
                 plan = TrialPlan(rung.configs, RecoveryConfig(steps=max_steps, learning_rate=lr))
                 rows.append(TableRow(plan, round(dense_size * size), curve))
     return TrialTable(rows, dense_metric, dense_size)
+
+
+class InvariantChecker(TrainerCallback):
+    """Check the compression invariants at every optimizer step, on every rank; record what failed.
+
+    Put it after ``CompressionCallback`` (``TrialContext(callbacks=[checker])`` does). It checks:
+
+    * after backward, all-reduce and clipping (``on_pre_optimizer_step``): pruned gradient entries are 0;
+    * after the step (``on_step_end``): pruned entries of the weight, the latent and AdamW's
+      ``exp_avg``/``exp_avg_sq`` are 0, and each quantized weight is its latent projected onto the
+      grid, bit for bit;
+    * at the end of data-parallel training: every rank's weights, masks and latents equal rank 0's.
+
+    ``checks`` counts the checks made by kind (so a test can tell they were not vacuous);
+    ``violations`` describes each failure. Example::
+
+        checker = InvariantChecker()
+        run_trial(plan, dataclasses.replace(context, callbacks=[checker]))
+        assert not checker.violations and checker.checks["grid"] > 0
+    """
+
+    def __init__(self) -> None:
+        self.checks: Counter[str] = Counter()
+        self.violations: list[str] = []
+
+    def _check(self, kind: str, ok: bool, what: str) -> None:
+        self.checks[kind] += 1
+        if not ok:
+            self.violations.append(what)
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        for name, layer in compressed_layers(kwargs["model"]).items():
+            mask, grad = get_mask(layer), layer.weight.grad
+            if mask is not None and grad is not None:
+                self._check("grad", not bool(grad[~mask].any()), f"step {state.global_step}: {name} pruned grad != 0")
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        optimizer = kwargs.get("optimizer")
+        optimizer_state = optimizer.state if optimizer is not None else {}
+        step = state.global_step
+        for name, layer in compressed_layers(kwargs["model"]).items():
+            weight = layer.weight.detach()
+            mask, grid = get_mask(layer), get_quant(layer)
+            if mask is not None:
+                tensors = {"weight": weight, "latent": layer._buffers.get("poft_latent")}
+                moments = optimizer_state.get(layer.weight, {})
+                tensors.update({key: moments[key] for key in ("exp_avg", "exp_avg_sq") if key in moments})
+                for kind, tensor in tensors.items():
+                    if tensor is not None:
+                        self._check(kind, not bool(tensor[~mask].any()), f"step {step}: {name} pruned {kind} != 0")
+            if grid is not None:
+                on_grid = torch.equal(grid.fake_quantize(master_weight(layer)), weight)
+                self._check("grid", on_grid, f"step {step}: {name} weight is not its latent on the grid")
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if args.world_size <= 1 or not dist.is_initialized():
+            return
+        for name, layer in compressed_layers(kwargs["model"]).items():
+            own = {
+                "weight": layer.weight.detach(),
+                "mask": get_mask(layer),
+                "latent": layer._buffers.get("poft_latent"),
+            }
+            for kind, tensor in own.items():
+                if tensor is not None:
+                    reference = tensor.clone()
+                    dist.broadcast(reference, src=0)
+                    self._check(
+                        "ranks", torch.equal(reference, tensor), f"rank {args.process_index}: {name} {kind} != rank 0's"
+                    )

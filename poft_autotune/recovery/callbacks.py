@@ -2,6 +2,14 @@
 
 Order per optimizer step in the Trainer: backward (pruned gradients already masked by tensor hooks)
 -> gradient clipping -> ``on_pre_optimizer_step`` -> ``optimizer.step`` -> ``on_optimizer_step``.
+
+Data parallel (``torchrun`` / ``accelerate launch``, DDP): every rank runs these callbacks on its own
+replica. The mask hook is a post-accumulate-grad hook, which runs before DDP's reducer copies the
+gradient into its all-reduce bucket, so each rank contributes masked gradients and the average is
+masked too; after the step every rank re-quantizes the same latent from the same averaged gradient.
+Masks and latents are the callback's own state: they are synchronised from rank 0 once at the start of
+training and then left out of DDP's per-forward buffer broadcast (which would otherwise send a
+full-precision copy of every compressed weight before each forward pass).
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -21,6 +30,8 @@ from poft_autotune.compression.base import (
     master_weight,
     refresh_,
 )
+
+_OWN_BUFFERS = ("poft_mask", "poft_latent")
 
 
 def _swap(layer: nn.Module) -> None:
@@ -46,12 +57,34 @@ class CompressionCallback(TrainerCallback):
         self._masked_only = [
             layer for layer in self._layers if get_quant(layer) is None and get_mask(layer) is not None
         ]
+        # Read by DDP when the Trainer wraps ``model`` (names relative to it), ignored otherwise.
+        own = [f"{name}.{buffer}" for name, layer in compressed_layers(model).items() for buffer in _OWN_BUFFERS]
+        ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+        names = dict(model.named_buffers())
+        ignored |= {name for name in own if name in names}
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(ignored))
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        if args.world_size > 1 and dist.is_available() and dist.is_initialized():
+            self._sync_from_rank0()
         for layer in self._layers:  # weights made trainable after compression still get their hooks
             ensure_mask_hook_(layer)
+
+    def _sync_from_rank0(self) -> None:
+        """Make every rank's masks and latents rank 0's (DDP synchronised the weights themselves).
+
+        Ranks compress identical copies, but a data-aware method (e.g. Wanda's calibration forward passes)
+        may round differently on different devices; one broadcast rules that out for the whole run.
+        """
+        with torch.no_grad():
+            for layer in self._layers:
+                for buffer in _OWN_BUFFERS:
+                    tensor = layer._buffers.get(buffer)
+                    if tensor is not None:
+                        dist.broadcast(tensor, src=0)
+                refresh_(layer)
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from transformers import PrinterCallback, TrainingArguments, set_seed
+from transformers import PrinterCallback, TrainerCallback, TrainingArguments, set_seed
 
 from poft_autotune.compression import compress_
 from poft_autotune.compression.base import strip_
@@ -45,6 +45,7 @@ class TrialContext:
     eval_batch_size: int = 32
     tokenizer: Any = None  # saved beside exported checkpoints
     calibration_batches: int = 8  # batches of eval_batch_size training rows for data-aware methods (Wanda)
+    callbacks: Sequence[TrainerCallback] = ()  # extra Trainer callbacks for recovery, after ours
 
 
 @dataclasses.dataclass
@@ -156,7 +157,7 @@ def _recover(
         )
     output_dir = tempfile.mkdtemp(prefix="poft-trial-")
     guard = NonFiniteLossCallback()
-    callbacks: list[Any] = [CompressionCallback(trained), guard]
+    callbacks: list[Any] = [CompressionCallback(trained), guard, *context.callbacks]
     if monitor is not None:
         steps = monitor.eval_steps(recovery.steps)
         if steps:
@@ -196,7 +197,8 @@ def run_trial(
     """Run ``plan`` on a fresh copy of the base model and measure the shipped result.
 
     With ``export_dir`` the shipped checkpoint is written there (``export_model``) and its bytes on
-    disk are checked against the size. ``monitor`` sees the size and the learning curve and may stop
+    disk are checked against the size; under data parallel (``torchrun``) only the main process writes
+    it (every rank holds the same model). ``monitor`` sees the size and the learning curve and may stop
     the trial (``optuna.TrialPruned``). Raises ``TrialFailedError`` when recovery diverges.
     """
     timings: dict[str, float] = {}
@@ -236,7 +238,7 @@ def run_trial(
             model = merge_lora_(model)  # ships merged: update folded in, then masked and re-quantized
     timings["recover_s"] = time.perf_counter() - t - timings.get("eval_unmerged_s", 0.0)
     size = checkpoint_size(model)
-    if export_dir is not None:
+    if export_dir is not None and context.training_args.process_index == 0:
         t = time.perf_counter()
         recipe = {"plan": plan.to_dict(), "size_bytes": size.total}
         export_model(model, export_dir, tokenizer=context.tokenizer, recipe=recipe, overwrite=True)
