@@ -40,6 +40,7 @@ from poft_autotune.search.policy import (
 from poft_autotune.search.space import RecoveryConfig, SearchSpace, TrialPlan
 from poft_autotune.search.stopping import DominanceMonitor, EarlyStopping
 from poft_autotune.size import checkpoint_size
+from poft_autotune.validate import check_arguments, check_setup, check_study_space, shown_storage
 
 logger = logging.getLogger("poft_autotune")
 
@@ -47,7 +48,6 @@ DENSE_ATTR = "dense"
 ERROR_ATTR = "error"
 CONSTRAINTS_ATTR = "constraints"
 DEFAULT_STOPPING = EarlyStopping()
-KEEP_CHOICES = ("front", "all", "none")
 
 
 def _prune_checkpoints(study: optuna.Study, root: Path) -> None:
@@ -60,10 +60,15 @@ def _prune_checkpoints(study: optuna.Study, root: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load_model(model: str | os.PathLike[str] | nn.Module, num_labels: int | None = None) -> tuple[nn.Module, Any]:
+def load_model(
+    model: str | os.PathLike[str] | nn.Module, num_labels: int | None = None, *, trust_remote_code: bool = False
+) -> tuple[nn.Module, Any]:
     """A model and its tokenizer (None for a given model object) from a Hub id, a local path or a model.
 
-    Loads safetensors only and never runs remote code.
+    Loads safetensors weights only (pickle-based ``.bin`` files can run code when loaded) and runs no
+    code shipped with the model unless ``trust_remote_code=True`` (review that code first). Example::
+
+        model, tokenizer = load_model("path/to/classifier", num_labels=2)
     """
     if isinstance(model, nn.Module):
         return model, None
@@ -73,22 +78,48 @@ def load_model(model: str | os.PathLike[str] | nn.Module, num_labels: int | None
         )
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    text = os.fspath(model)
+    if text.startswith(("/", "./", "../", "~")) and not Path(text).expanduser().is_dir():
+        raise InvalidConfigError(
+            f"`model` {text!r} looks like a local path, but there is no such directory. Pass the folder that holds "
+            "config.json and model.safetensors, a Hub id (namespace/name) or a PreTrainedModel."
+        )
+    remote = {"trust_remote_code": trust_remote_code}
     try:
-        config = AutoConfig.from_pretrained(model, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(model, **remote)
     except (OSError, ValueError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise InvalidConfigError(
+                f"{str(model)!r} needs Python code shipped with the model to load (a custom architecture: "
+                "`auto_map` in its config.json), and `trust_remote_code` is False. Review that code, then pass "
+                "trust_remote_code=True (YAML: `trust_remote_code: true`), or use a built-in architecture."
+            ) from exc
         raise InvalidConfigError(
             f"Could not load a model config from {str(model)!r} ({exc}). Pass an existing local directory, a Hub id "
             "reachable from this machine, or a PreTrainedModel."
         ) from exc
     causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
-    kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": False}
-    if causal:
-        loaded = AutoModelForCausalLM.from_pretrained(model, **kwargs)
-    else:
-        if num_labels is not None:
-            kwargs["num_labels"] = num_labels
-        loaded = AutoModelForSequenceClassification.from_pretrained(model, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    kwargs: dict[str, Any] = {"use_safetensors": True, **remote}
+    try:
+        if causal:
+            loaded = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+        else:
+            if num_labels is not None:
+                kwargs["num_labels"] = num_labels
+            loaded = AutoModelForSequenceClassification.from_pretrained(model, **kwargs)
+    except OSError as exc:
+        if "safetensors" not in str(exc):
+            raise InvalidConfigError(f"Could not load the model weights from {str(model)!r}: {exc}") from exc
+        raise InvalidConfigError(
+            f"`model` {str(model)!r} has no safetensors weights (model.safetensors) to load ({exc}). poft_autotune "
+            "loads safetensors only: pickle-based .bin files can run code when loaded. Convert the checkpoint "
+            "once where you trust it (load it, then save_pretrained) and pass that directory."
+        ) from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model, **remote)
+    except (OSError, ValueError) as exc:  # pre-tokenized data needs none; raw text then fails with a clear error
+        logger.info("no tokenizer loaded from %s: %s", model, exc)
+        return loaded, None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return loaded, tokenizer
@@ -129,6 +160,8 @@ def _study(
         "minimize",
         "maximize" if metric.greater_is_better else "minimize",
     ]
+    from sqlalchemy.exc import SQLAlchemyError  # optuna's RDB storage raises these for unreachable databases
+
     try:
         study = optuna.create_study(
             study_name=study_name,
@@ -137,8 +170,8 @@ def _study(
             sampler=sampler,
             load_if_exists=True,
         )
-    except (ValueError, ImportError, optuna.exceptions.OptunaError) as exc:
-        raise InvalidConfigError(f"Could not open the study storage {storage!r}: {exc}") from exc
+    except (ValueError, ImportError, optuna.exceptions.OptunaError, SQLAlchemyError) as exc:
+        raise InvalidConfigError(f"Could not open the study storage {shown_storage(storage)}: {exc}") from exc
     expected = [optuna.study.StudyDirection.MINIMIZE, optuna.study.StudyDirection[directions[1].upper()]]
     if study.directions != expected:
         raise InvalidConfigError(
@@ -207,6 +240,8 @@ def autotune(
     promote: bool = True,
     max_size_bytes: int | None = None,
     min_retained: float | None = None,
+    trust_remote_code: bool = False,
+    allow_space_change: bool = False,
 ) -> ParetoFront:
     """Search compression settings and recovery fine-tuning; return the size/metric Pareto front.
 
@@ -227,16 +262,16 @@ def autotune(
     ``promote``: the budget's last trials re-run short-recovery front points with ``space.steps[1]`` steps.
     ``max_size_bytes`` / ``min_retained`` (fraction of the dense metric): constraints; trials that miss them
     stay in the study, off the front (a plan over the size limit is stopped right after compression).
+    Bad input raises one InvalidConfigError before any work (:mod:`poft_autotune.validate`); a study is
+    continued only with the search space it was created with, unless ``allow_space_change=True``.
+    ``trust_remote_code=True`` lets a model path load the Python code shipped with it (off by default).
     Example::
 
         front = autotune("path/to/model", train_ds, eval_ds, metric="accuracy", n_trials=12)
         print(front.to_markdown())
         front.export(front[0], "ship/smallest")
     """
-    if keep_checkpoints not in KEEP_CHOICES:
-        raise InvalidConfigError(f"`keep_checkpoints` must be one of {KEEP_CHOICES}, got {keep_checkpoints!r}.")
-    if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials <= 0:
-        raise InvalidConfigError(f"`n_trials` must be a positive integer, got {n_trials!r}.")
+    check_arguments(locals())  # before anything is loaded: one clear error, nothing written
     constraints = Constraints(max_size_bytes, min_retained)
     chosen = get_policy(policy)
     if early_stopping is not None and not isinstance(early_stopping, EarlyStopping):
@@ -245,8 +280,6 @@ def autotune(
         )
     if space is None:
         space = SearchSpace() if methods is None else SearchSpace(methods=tuple(methods))
-    elif methods is not None:
-        raise InvalidConfigError("Pass either `methods` or `space` (which has its own methods), not both.")
     args = _default_args(training_args)
     num_labels = None
     if not isinstance(model, nn.Module) and "labels" not in getattr(train_dataset, "column_names", []):
@@ -255,7 +288,7 @@ def autotune(
         labels = list(train_dataset[column]) if column else []
         ints = labels and all(isinstance(v, int) and not isinstance(v, bool) for v in labels)
         num_labels = max(labels) + 1 if ints else None  # non-integer labels are rejected by prepare_dataset
-    base, loaded_tokenizer = load_model(model, num_labels)
+    base, loaded_tokenizer = load_model(model, num_labels, trust_remote_code=trust_remote_code)
     tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
     task = detect_task(base)
     resolved = resolve_metric(metric, task, greater_is_better)
@@ -270,6 +303,7 @@ def autotune(
     train = prepare_dataset(train_dataset, task, split="train_dataset", **common)
     evaluation = prepare_dataset(eval_dataset, task, split="eval_dataset", **common)
     space = space.fitted_to(base)
+    check_setup(base, space, train, evaluation, resolved, task)
     model_config: Any = getattr(base, "config", None)
     pad_id = getattr(model_config, "pad_token_id", None)
     if pad_id is None and tokenizer is not None:
@@ -285,6 +319,7 @@ def autotune(
             f"Study {name!r} was run with constraints {stored_constraints}, this run asks for {wanted}; "
             "feasibility is part of a study's definition. Use another study_name."
         )
+    check_study_space(study, space, allow_change=allow_space_change)
     checkpoints = out / name / "checkpoints"
 
     base.to(args.device).eval()

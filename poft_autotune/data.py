@@ -30,10 +30,14 @@ def detect_task(model: nn.Module) -> str:
     )
 
     name = type(model).__name__
-    if name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-        return CAUSAL_LM
-    if name in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values():
-        return CLASSIFICATION
+    # The class or a base class (models loaded with trust_remote_code subclass or mimic the built-ins).
+    for cls in type(model).__mro__:
+        if cls.__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() or cls.__name__.endswith("ForCausalLM"):
+            return CAUSAL_LM
+        if cls.__name__ in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values() or cls.__name__.endswith(
+            "ForSequenceClassification"
+        ):
+            return CLASSIFICATION
     raise InvalidConfigError(
         f"Model class {name} is neither a causal LM nor a sequence classifier; poft_autotune supports "
         "AutoModelForCausalLM and AutoModelForSequenceClassification models."

@@ -271,7 +271,7 @@ def finetuned_minilm(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "classifier weights newly initialized" report: we train them next
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=2)
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=2, use_safetensors=True)
     finally:
         hf_logging.set_verbosity(verbosity)
     data = prepare_dataset(
@@ -315,7 +315,7 @@ def minilm_trial_context(base_steps: int = 400, *, eval_batch_size: int = 64, n_
     base_train, search_train, evaluation = minilm_splits(n_eval=n_eval)
     base_dir = finetuned_minilm(base_train, base_steps)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    base = AutoModelForSequenceClassification.from_pretrained(base_dir).eval()
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir, use_safetensors=True).eval()
     common: dict[str, Any] = {"tokenizer": tokenizer, "max_length": MAX_LENGTH, "num_labels": 2}
     train = prepare_dataset(search_train, CLASSIFICATION, split="train", **common)
     evaluation = prepare_dataset(evaluation, CLASSIFICATION, split="eval", **common)

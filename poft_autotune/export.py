@@ -145,16 +145,23 @@ def copy_checkpoint(
 def load_pretrained(directory: str | os.PathLike[str]) -> PreTrainedModel:
     """Reload any ``export_model`` directory (weights dequantized to the model dtype), on CPU.
 
-    Example: ``model = load_pretrained("ship/int4"); model(input_ids).logits``.
+    Reads safetensors weights only and runs no code shipped in the directory. Example:
+    ``model = load_pretrained("ship/int4"); model(input_ids).logits``.
     """
     path = Path(directory)
     if not (path / "config.json").is_file():
         raise InvalidConfigError(
             f"`directory` must hold a saved model (config.json), got {str(path)!r}. Pass an export_model directory."
         )
+    if not any(path.glob("*.safetensors")):
+        raise InvalidConfigError(
+            f"`directory` must hold safetensors weights, got {str(path)!r} without a *.safetensors file. "
+            "load_pretrained reads safetensors only (pickle-based .bin files can run code when loaded)."
+        )
     fmt = json.loads((path / FORMAT_NAME).read_text()) if (path / FORMAT_NAME).is_file() else {}
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     auto_class = _auto_class(config)
+    safe = {"use_safetensors": True, "trust_remote_code": False}
     grids = {(i["bits"], i["group_size"], i["symmetric"]) for i in fmt.get("layers", {}).values() if "bits" in i}
     # transformers 5.25's dequantizing loader decodes every layer with the FIRST config group's scheme,
     # so a compressed-tensors checkpoint with mixed grids only loads dequantized through our decoder.
@@ -171,8 +178,10 @@ def load_pretrained(directory: str | os.PathLike[str]) -> PreTrainedModel:
         # compressed-tensors 0.20.1 (zero point not packed on the meta-device path); dequantizing works.
         with warnings.catch_warnings():  # "the quantization_config from the model will be used": intended
             warnings.filterwarnings("ignore", message=".*already has a `quantization_config`", category=UserWarning)
-            return auto_class.from_pretrained(path, quantization_config=CompressedTensorsConfig(dequantize=True))
-    return auto_class.from_pretrained(path)
+            return auto_class.from_pretrained(
+                path, quantization_config=CompressedTensorsConfig(dequantize=True), **safe
+            )
+    return auto_class.from_pretrained(path, **safe)
 
 
 # --- writing ---------------------------------------------------------------------------------------

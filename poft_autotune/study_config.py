@@ -30,6 +30,8 @@ A definition (``poft-autotune run study.yaml``)::
     max_size_bytes: 40000000          # optional constraints: bytes of the exported checkpoint,
     min_retained: 0.98                # and the fraction of the dense metric to keep
     training: {batch_size: 16, max_length: 128, eval_batch_size: 32}
+    trust_remote_code: false          # true runs Python code shipped with the model (review it first)
+    allow_space_change: false         # true continues an existing study with a changed search space
 
 Relative paths (``model``, ``data.train``, ``data.eval``, ``output_dir``) are relative to the YAML file.
 Every problem in a definition is reported at once: unknown keys (with the valid ones), missing required
@@ -151,6 +153,8 @@ TOP: dict[str, Check] = {
     "promote": BOOL,
     "max_size_bytes": POS_INT,
     "min_retained": FLOAT,
+    "trust_remote_code": BOOL,
+    "allow_space_change": BOOL,
 }
 REQUIRED = {"model": "a local model directory or a Hub id", "data": "the train and eval data"}
 SPACE: dict[str, Check] = {
@@ -256,6 +260,8 @@ class StudyConfig:
     promote: bool = True
     max_size_bytes: int | None = None
     min_retained: float | None = None
+    trust_remote_code: bool = False
+    allow_space_change: bool = False
 
     @property
     def storage_url(self) -> str:
@@ -422,6 +428,8 @@ def parse_study_config(
         promote=top.get("promote", True),
         max_size_bytes=top.get("max_size_bytes"),
         min_retained=top.get("min_retained"),
+        trust_remote_code=top.get("trust_remote_code", False),
+        allow_space_change=top.get("allow_space_change", False),
     )
 
 
@@ -491,7 +499,6 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> ParetoFront
     else:
         train, evaluation = _load_files(config.data)
         text_column, label_column = config.data.text_column, config.data.label_column
-    config.output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="poft-study-") as scratch:
         return autotune(
             model,
@@ -501,7 +508,7 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> ParetoFront
             greater_is_better=config.greater_is_better,
             n_trials=config.n_trials,
             space=config.space,
-            storage=config.storage_url,
+            storage=config.storage,  # None: <output_dir>/<study_name>.db, as storage_url says
             study_name=config.study_name,
             seed=config.seed,
             training_args=config.training.arguments(scratch),
@@ -517,4 +524,6 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> ParetoFront
             promote=config.promote,
             max_size_bytes=config.max_size_bytes,
             min_retained=config.min_retained,
+            trust_remote_code=config.trust_remote_code,
+            allow_space_change=config.allow_space_change,
         )

@@ -53,7 +53,7 @@ def minilm_setup() -> tuple[torch.nn.Module, Any, str]:
 
     from poft_autotune.demo import minilm_dir
 
-    model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2, use_safetensors=True)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 20000, (256, 64), generator=g)
     data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": (ids[:, 0] % 2).tolist()})

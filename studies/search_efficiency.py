@@ -116,7 +116,9 @@ def _dense_size() -> int:
     from poft_autotune.demo import finetuned_minilm, minilm_splits
     from poft_autotune.size import checkpoint_size
 
-    model = AutoModelForSequenceClassification.from_pretrained(finetuned_minilm(minilm_splits()[0], BASE_STEPS))
+    model = AutoModelForSequenceClassification.from_pretrained(
+        finetuned_minilm(minilm_splits()[0], BASE_STEPS), use_safetensors=True
+    )
     return checkpoint_size(model).total
 
 

@@ -11,7 +11,7 @@ import dataclasses
 import importlib
 import inspect
 import pkgutil
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -129,6 +129,43 @@ def _planned(layers: dict[str, nn.Linear], shapes: Mapping[str, tuple[int, int]]
     return out
 
 
+def check_configs(model: nn.Module, configs: Sequence[CompressionConfig], *, calibration: bool = False) -> None:
+    """Check that ``configs`` can be applied to ``model`` in this order, changing nothing.
+
+    ``compress_`` runs this before touching a weight; ``autotune`` runs it on every plan its search space
+    can propose, before any work. ``calibration``: whether calibration batches will be given. Raises
+    InvalidConfigError naming the method, the field and the value. Example::
+
+        check_configs(model, [NMConfig(n=2, m=4), QuantizeConfig(bits=4, group_size=32)])
+    """
+    shapes: dict[str, tuple[int, int]] = {}
+    for i, config in enumerate(configs):
+        if config.changes_shapes and i > 0:
+            raise InvalidConfigError(
+                f"Method {config.method!r} removes structure (tensor shapes change), so it must come first in "
+                f"the plan, got it at position {i} of {[c.method for c in configs]}. Move it to the front."
+            )
+        if config.needs_calibration and not calibration:
+            raise InvalidConfigError(
+                f"{config.short()!r} ({config.method}) is data-aware and needs calibration batches, got "
+                "calibration=None. Pass compress_(model, configs, calibration=[batch, ...]) with model-input "
+                "dicts (input_ids, attention_mask), or use a weight-only criterion."
+            )
+        config.check_model(model)  # the architecture first: its error says more than "no layer found"
+        layers = select_layers(model, config.targets)
+        if not layers:
+            where = (
+                "the Linear layers of the transformer blocks" if config.targets is None else f"targets={config.targets}"
+            )
+            raise InvalidConfigError(
+                f"Method {config.method!r} found no layer to compress in {type(model).__name__} ({where}). "
+                "Pass `targets` (regular expressions over module names) that match nn.Linear layers."
+            )
+        config.check_layers(_planned(layers, shapes))
+        if config.changes_shapes:
+            shapes = config.planned_shapes(model)
+
+
 def compress_(
     model: nn.Module,
     configs: Iterable[CompressionConfig | Mapping[str, Any]] | CompressionConfig,
@@ -153,32 +190,7 @@ def compress_(
         batches = [dict(b) for b in calibration]
         if not batches:
             raise InvalidConfigError("`calibration` is empty; pass at least one batch of model inputs, or None.")
-    shapes: dict[str, tuple[int, int]] = {}
-    for i, config in enumerate(resolved):
-        if config.changes_shapes and i > 0:
-            raise InvalidConfigError(
-                f"Method {config.method!r} removes structure (tensor shapes change), so it must come first in "
-                f"the plan, got it at position {i} of {[c.method for c in resolved]}. Move it to the front."
-            )
-        if config.needs_calibration and batches is None:
-            raise InvalidConfigError(
-                f"{config.short()!r} ({config.method}) is data-aware and needs calibration batches, got "
-                "calibration=None. Pass compress_(model, configs, calibration=[batch, ...]) with model-input "
-                "dicts (input_ids, attention_mask), or use a weight-only criterion."
-            )
-        config.check_model(model)  # the architecture first: its error says more than "no layer found"
-        layers = select_layers(model, config.targets)
-        if not layers:
-            where = (
-                "the Linear layers of the transformer blocks" if config.targets is None else f"targets={config.targets}"
-            )
-            raise InvalidConfigError(
-                f"Method {config.method!r} found no layer to compress in {type(model).__name__} ({where}). "
-                "Pass `targets` (regular expressions over module names) that match nn.Linear layers."
-            )
-        config.check_layers(_planned(layers, shapes))
-        if config.changes_shapes:
-            shapes = config.planned_shapes(model)
+    check_configs(model, resolved, calibration=batches is not None)
     for config in resolved:
         spec = get_method(config.method)
         # Selected afresh: after a shape-changing method, whole blocks may be gone.
@@ -202,6 +214,7 @@ __all__ = [
     "CompressedModel",
     "CompressionConfig",
     "available_methods",
+    "check_configs",
     "compress_",
     "config_from_dict",
     "get_mask",

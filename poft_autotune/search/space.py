@@ -147,6 +147,10 @@ class SearchSpace:
                 f"`steps` must be >= 0 and `learning_rate` > 0, got steps={self.steps!r}, "
                 f"learning_rate={self.learning_rate!r}."
             )
+        if self.distill_weight[0] < 0 or self.distill_weight[1] > 1:
+            raise InvalidConfigError(f"`distill_weight` range must lie in [0, 1], got {self.distill_weight!r}.")
+        if self.temperature[0] <= 0:
+            raise InvalidConfigError(f"`temperature` range must be > 0, got {self.temperature!r}.")
 
     def fitted_to(self, model: nn.Module) -> SearchSpace:
         """Restrict default choices to what the model's layers allow (e.g. group sizes dividing them)."""
