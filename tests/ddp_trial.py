@@ -45,6 +45,7 @@ PLANS = {
 
 def run(out: Path, global_batch: int) -> dict[str, dict]:
     """Run every plan; returns ``{plan: {"result": ..., "checks": ..., "violations": ...}}`` of this rank."""
+    out.mkdir(parents=True, exist_ok=True)  # every rank writes its report here; only rank 0 exports
     args = tiny_training_args(str(out / "trainer"), weight_decay=0.1, max_grad_norm=1.0, seed=0)
     world = args.world_size
     if global_batch % (world * ACCUMULATION):

@@ -39,7 +39,10 @@ def test_two_process_recovery_keeps_masks_and_grid_and_matches_single_process(tm
         text=True,
         timeout=300,
     )
-    assert ddp.returncode == 0, ddp.stderr[-4000:]
+    (tmp_path / "torchrun.log").write_text(ddp.stdout + ddp.stderr)
+    # The first traceback a rank printed, if any, is what failed (the others are its consequences).
+    first = ddp.stderr[max(0, ddp.stderr.find("Traceback") - 200) :][:6000]
+    assert ddp.returncode == 0, first
     single = ddp_trial.run(tmp_path / "single", GLOBAL_BATCH)  # the reference, in this process
 
     assert set(single) == set(EXPECTED) == set(ddp_trial.PLANS)
