@@ -200,6 +200,10 @@ CASES: dict[str, Case] = {
         bad(keep_checkpoints="some"), r"`keep_checkpoints` must be one of .*, got 'some'"
     ),
     "seed: not an integer": Case(bad(seed="0"), r"`seed` must be an integer, got '0'"),
+    "policy: unknown name": Case(bad(policy="bogus"), r"Unknown policy 'bogus'; available"),
+    "max_size_bytes: zero": Case(bad(max_size_bytes=0), r"`max_size_bytes` must be a positive integer or None, got 0"),
+    "min_retained: out of range": Case(bad(min_retained=5), r"`min_retained` must be a fraction .*, got 5"),
+    "early_stopping: wrong type": Case(bad(early_stopping=3), r"`early_stopping` must be an EarlyStopping or None"),
     "max_length: zero": Case(bad(max_length=0), r"`max_length` must be a positive integer, got 0"),
     "eval_batch_size: negative": Case(bad(eval_batch_size=-1), r"`eval_batch_size` must be a positive integer, got -1"),
     "training_args: wrong type": Case(
