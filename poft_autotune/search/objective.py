@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -18,22 +19,36 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 from transformers import PrinterCallback, TrainerCallback, TrainingArguments, set_seed
 
 from poft_autotune.compression import compress_
 from poft_autotune.compression.base import strip_
-from poft_autotune.data import Metric, PadCollator, evaluate_model, rows_of
+from poft_autotune.data import EvalBatches, Metric, PadCollator, eval_batches, evaluate_model, rows_of
 from poft_autotune.errors import PoftError, TrialFailedError
 from poft_autotune.export import export_model, weight_bytes
-from poft_autotune.recovery import CompressionCallback, EvaluationCallback, NonFiniteLossCallback, RecoveryTrainer
+from poft_autotune.recovery import (
+    CompressionCallback,
+    EvaluationCallback,
+    NonFiniteLossCallback,
+    RecoveryTrainer,
+    TeacherCache,
+)
 from poft_autotune.recovery.lora import attach_lora, merge_lora_
 from poft_autotune.search.space import TrialPlan
 from poft_autotune.size import checkpoint_size
+from poft_autotune.threads import resolve_threads, torch_threads
 
 
 @dataclasses.dataclass
 class TrialContext:
-    """What every trial of a study shares; built once per worker."""
+    """What every trial of a study shares; built once per worker.
+
+    Besides the inputs it keeps what trials can reuse, built on first use: the evaluation set as padded
+    batches grouped by length, the calibration batches, the metric right after each distinct compression
+    (compression is deterministic, so a plan that repeats it, e.g. with other recovery settings, skips
+    that evaluation), and the teacher's logits for distillation (:class:`TeacherCache`).
+    """
 
     base_model: nn.Module  # dense, never modified; also the distillation teacher
     train_dataset: Any
@@ -45,7 +60,33 @@ class TrialContext:
     eval_batch_size: int = 32
     tokenizer: Any = None  # saved beside exported checkpoints
     calibration_batches: int = 8  # batches of eval_batch_size training rows for data-aware methods (Wanda)
+    threads: int | None = None  # CPU threads per trial; None: $POFT_THREADS, else the cores given (threads.py)
+    teacher_cache_bytes: int = 512 * 2**20  # teacher logits kept across trials for distillation; 0: none
     callbacks: Sequence[TrainerCallback] = ()  # extra Trainer callbacks for recovery, after ours
+    _eval: EvalBatches | None = dataclasses.field(default=None, init=False, repr=False)
+    _calibration: list[dict[str, torch.Tensor]] | None = dataclasses.field(default=None, init=False, repr=False)
+    _teacher_cache: TeacherCache | None = dataclasses.field(default=None, init=False, repr=False)
+    _compressed_metrics: dict[str, float] = dataclasses.field(default_factory=dict, init=False, repr=False)
+
+    def eval_set(self) -> EvalBatches:
+        """The evaluation set as padded batches (grouped by length), built once."""
+        if self._eval is None:
+            self._eval = eval_batches(self.eval_dataset, self.collator, self.eval_batch_size)
+        return self._eval
+
+    def calibration(self) -> list[dict[str, torch.Tensor]]:
+        """The calibration batches of data-aware methods (the same seeded sample for every trial), built once."""
+        if self._calibration is None:
+            self._calibration = calibration_batches(
+                self.train_dataset, self.collator, self.calibration_batches, self.eval_batch_size
+            )
+        return self._calibration
+
+    def teacher_cache(self) -> TeacherCache | None:
+        """The distillation teacher's logits cache shared by this worker's trials (None when turned off)."""
+        if self.teacher_cache_bytes > 0 and self._teacher_cache is None:
+            self._teacher_cache = TeacherCache(self.teacher_cache_bytes)
+        return self._teacher_cache
 
 
 @dataclasses.dataclass
@@ -171,6 +212,7 @@ def _recover(
             teacher=context.base_model if recovery.distill_weight > 0 else None,
             distill_weight=recovery.distill_weight,
             temperature=recovery.temperature,
+            teacher_cache=context.teacher_cache() if recovery.distill_weight > 0 else None,
             callbacks=callbacks,
         )
         trainer.remove_callback(PrinterCallback)  # we log one line per trial instead of raw dicts
@@ -184,7 +226,7 @@ def _recover(
 
 
 def _evaluate(model: nn.Module, context: TrialContext) -> float:
-    return evaluate_model(model, context.eval_dataset, context.metric, context.collator, context.eval_batch_size)
+    return evaluate_model(model, context.eval_set(), context.metric)
 
 
 def run_trial(
@@ -199,50 +241,70 @@ def run_trial(
     With ``export_dir`` the shipped checkpoint is written there (``export_model``) and its bytes on
     disk are checked against the size; under data parallel (``torchrun``) only the main process writes
     it (every rank holds the same model). ``monitor`` sees the size and the learning curve and may stop
-    the trial (``optuna.TrialPruned``). Raises ``TrialFailedError`` when recovery diverges.
+    the trial (``optuna.TrialPruned``). Raises ``TrialFailedError`` when recovery diverges. Runs with
+    ``resolve_threads(context.threads)`` CPU threads; each phase is a ``torch.profiler`` range
+    (``poft.compress``, ``poft.eval_compressed``, ``poft.recover``, ...) for profiling.
     """
+    with torch_threads(resolve_threads(context.threads)):
+        return _run_trial(plan, context, export_dir, monitor)
+
+
+def _run_trial(
+    plan: TrialPlan, context: TrialContext, export_dir: str | os.PathLike[str] | None, monitor: TrialMonitor | None
+) -> TrialResult:
     timings: dict[str, float] = {}
     set_seed(plan.seed)
     start = time.perf_counter()
-    model = copy.deepcopy(context.base_model)
-    model.train()
-    if plan.compression:
-        calibration = None
-        if any(config.needs_calibration for config in plan.compression):
-            calibration = calibration_batches(
-                context.train_dataset, context.collator, context.calibration_batches, context.eval_batch_size
-            )
-        compress_(model, plan.compression, calibration=calibration)
+    with record_function("poft.compress"):
+        model = copy.deepcopy(context.base_model)
+        model.train()
+        if plan.compression:
+            calibration = None
+            if any(config.needs_calibration for config in plan.compression):
+                calibration = context.calibration()
+            compress_(model, plan.compression, calibration=calibration)
     timings["compress_s"] = time.perf_counter() - start
     if monitor is not None:
         monitor.start(checkpoint_size(model).total)
 
     def measure(key: str) -> float:
         t = time.perf_counter()
-        value = _evaluate(model, context)
+        with record_function(f"poft.{key.removesuffix('_s')}"):
+            value = _evaluate(model, context)
         timings[key] = time.perf_counter() - t
         return value
 
-    compressed_metric = measure("eval_compressed_s")
+    # The model right after compression depends on the compression configs only (no randomness), so
+    # its metric is measured once per distinct compression and reused.
+    key = json.dumps([config.to_dict() for config in plan.compression], sort_keys=True, default=str)
+    if key in context._compressed_metrics:
+        compressed_metric = context._compressed_metrics[key]
+        timings["eval_compressed_s"] = 0.0
+    else:
+        compressed_metric = context._compressed_metrics[key] = measure("eval_compressed_s")
     if monitor is not None:
         monitor.report(0, compressed_metric)
     train_loss: list[float] = []
     t = time.perf_counter()
     unmerged_metric = None
     if plan.recovery.steps > 0:
-        model, train_loss = _recover(model, plan, context, monitor)
+        with record_function("poft.recover"):
+            model, train_loss = _recover(model, plan, context, monitor)
         if plan.recovery.lora_rank > 0:
             # Measured before merging so the cost of merge + re-compression is visible (with a quantized
             # base, updates smaller than half a grid step are rounded away).
             unmerged_metric = measure("eval_unmerged_s")
-            model = merge_lora_(model)  # ships merged: update folded in, then masked and re-quantized
+            with record_function("poft.merge"):
+                model = merge_lora_(model)  # ships merged: update folded in, then masked and re-quantized
     timings["recover_s"] = time.perf_counter() - t - timings.get("eval_unmerged_s", 0.0)
-    size = checkpoint_size(model)
+    with record_function("poft.size"):
+        size = checkpoint_size(model)
     if export_dir is not None and context.training_args.process_index == 0:
         t = time.perf_counter()
-        recipe = {"plan": plan.to_dict(), "size_bytes": size.total}
-        export_model(model, export_dir, tokenizer=context.tokenizer, recipe=recipe, overwrite=True)
-        on_disk = weight_bytes(export_dir)
+        with record_function("poft.export"):
+            recipe = {"plan": plan.to_dict(), "size_bytes": size.total}
+            export_model(model, export_dir, tokenizer=context.tokenizer, recipe=recipe, overwrite=True)
+            on_disk = weight_bytes(export_dir)
         if on_disk != size.total:  # the size contract; tests hold it, so this is a bug report, not a state
             raise PoftError(f"exported {on_disk} bytes but the size formula says {size.total}; please report this.")
         timings["export_s"] = time.perf_counter() - t
