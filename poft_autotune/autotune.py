@@ -242,6 +242,7 @@ def autotune(
     min_retained: float | None = None,
     trust_remote_code: bool = False,
     allow_space_change: bool = False,
+    threads: int | None = None,
 ) -> ParetoFront:
     """Search compression settings and recovery fine-tuning; return the size/metric Pareto front.
 
@@ -252,6 +253,7 @@ def autotune(
     ``keep_checkpoints``: ``"front"`` keeps those of front points, ``"all"`` every one, ``"none"`` none.
     ``show_progress=True`` shows a progress bar over the trials and prints one line per trial above it;
     ``False`` is quiet (nothing on stdout; the per-trial lines go to the ``poft_autotune`` logger at INFO).
+    ``threads``: CPU threads per trial (default ``$POFT_THREADS``, else the cores this process is given).
     Each trial also gets a markdown note for optuna-dashboard (:mod:`poft_autotune.dashboard`), and
     ``<output_dir>/<study_name>/`` receives ``front.json``, ``front.png`` and ``report.md``.
 
@@ -365,6 +367,7 @@ def autotune(
     context = TrialContext(
         base, train, evaluation, resolved, collator, args, dense_metric, eval_batch_size, tokenizer=tokenizer
     )
+    context.threads = threads
 
     progress = None
     if show_progress:

@@ -117,7 +117,7 @@ def minilm_setup(scratch: Path) -> Setup:
     base_train, train, evaluation = minilm_splits(2000, 500)
     path = finetuned_minilm(base_train, 150, show_progress=False)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
 
     def prep(ds: Any) -> Any:
         return prepare_dataset(ds, CLASSIFICATION, tokenizer=tokenizer, max_length=MAX_LENGTH, num_labels=2)
@@ -365,7 +365,7 @@ def hf_trainer(setup: Setup, scratch: Path, timer: StepTimer, plan: dict[str, An
         from transformers import AutoModelForSequenceClassification as auto
 
     def model_init(trial: Any = None) -> torch.nn.Module:
-        model = auto.from_pretrained(setup.model_dir)
+        model = auto.from_pretrained(setup.model_dir, use_safetensors=True)
         compress_(model, compression(plan["sparsity"]))
         return model
 
