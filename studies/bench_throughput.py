@@ -132,7 +132,7 @@ def minilm_setup(scratch: Path) -> Setup:
         PadCollator(tokenizer.pad_token_id, CLASSIFICATION),
         batch=16,
         eval_batch=64,
-        steps=40,
+        steps=30,
     )
 
 
@@ -168,7 +168,7 @@ def llama_setup(scratch: Path) -> Setup:
         PadCollator(0, CAUSAL_LM),
         batch=8,
         eval_batch=32,
-        steps=60,
+        steps=50,
     )
 
 
@@ -497,7 +497,7 @@ class AminmaxGrid(QuantGrid):
         return scale, zero
 
 
-def bench_levers(setup: Setup, scratch: Path, repeats: int = 5) -> dict[str, Any]:
+def bench_levers(setup: Setup, scratch: Path, repeats: int = 3) -> dict[str, Any]:
     """Before/after of single levers, alternating A B A B: evaluation order, re-quantization, copies."""
     from poft_autotune.compression.base import compressed_layers, get_quant, refresh_
     from poft_autotune.data import eval_batches
@@ -724,7 +724,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="minilm,llama")
     parser.add_argument("--parts", default="levers,steps,trials,profile")
-    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds of the step benchmark")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the step benchmark")
     parser.add_argument("--steps", type=int, default=8, help="steps per round of the step benchmark")
     parser.add_argument("--trial-rounds", type=int, default=2, help="trial pairs after the warm-up pair")
     parser.add_argument("--report", action="store_true", help="only rewrite the markdown from the JSON")
