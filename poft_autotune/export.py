@@ -19,6 +19,12 @@ Encodings (shared with compressed-tensors wherever it has one):
   is ``mask[r, 8 * k + j]``, padding bits 0 (``numpy.packbits(mask, axis=1, bitorder="little")``).
 * ``weight_values`` / sparse ``weight_packed``: the kept weights (resp. their codes) in row-major order.
 
+A peft model (LoRA shipped unmerged, ``recovery.lora_merge=False``) is written as its compressed base
+(as above) plus peft's own adapter files in the subdirectory ``adapter/`` (``adapter_model.safetensors``,
+``adapter_config.json``; a subdirectory, because transformers' ``from_pretrained`` of a directory holding
+``adapter_config.json`` would try to fetch the adapter's base model). ``load_pretrained`` rebuilds base +
+adapter; ``weight_bytes`` counts both files.
+
 Every directory also gets ``poft_recipe.json`` (the recipe and library versions) and, if given, the
 tokenizer. Writing goes to a hidden sibling directory renamed into place at the end, so a failure
 never leaves a directory that looks complete.
@@ -44,25 +50,35 @@ from transformers import AutoConfig, PreTrainedModel
 from poft_autotune.compression.base import compressed_layers, get_mask, get_quant, master_weight, strip_
 from poft_autotune.compression.quantize import QuantGrid
 from poft_autotune.errors import InvalidConfigError, PoftError
-from poft_autotune.size import SPARSE_META, TensorSpec, checkpoint_layout, checkpoint_size, layer_layout
+from poft_autotune.size import (
+    SPARSE_META,
+    TensorSpec,
+    checkpoint_layout,
+    checkpoint_size,
+    is_peft_model,
+    layer_layout,
+    lora_base,
+)
 
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_NAME = "poft_format.json"
 RECIPE_NAME = "poft_recipe.json"
+ADAPTER_DIR = "adapter"  # unmerged LoRA adapters: peft's files, beside the compressed base
 FORMAT_VERSION = 1
 STANDARD, COMPRESSED_TENSORS, POFT_SPARSE = "dense", "compressed-tensors", "poft-sparse"
 BITMASK_ORDER = "row-major; bit j (LSB first) of byte k of row r is mask[r, 8k+j]; padding bits 0"
 
 
 def weight_bytes(directory: str | os.PathLike[str]) -> int:
-    """Bytes of the ``*.safetensors`` files in ``directory``: the quantity ``checkpoint_size`` predicts.
+    """Bytes of the ``*.safetensors`` files in ``directory`` (and its ``adapter/``): what ``checkpoint_size`` predicts.
 
     Example: ``weight_bytes(export_model(model, "out")) == checkpoint_size(model).total``.
     """
     path = Path(directory)
     if not path.is_dir():
         raise InvalidConfigError(f"`directory` must be an existing directory, got {str(path)!r}. Export a model first.")
-    return sum(f.stat().st_size for f in path.glob("*.safetensors") if f.is_file())
+    files = [*path.glob("*.safetensors"), *(path / ADAPTER_DIR).glob("*.safetensors")]
+    return sum(f.stat().st_size for f in files if f.is_file())
 
 
 def export_model(
@@ -75,17 +91,20 @@ def export_model(
 ) -> Path:
     """Write the shipped form of ``model`` (compression state included) to ``directory``; return its path.
 
-    The caller's model is not modified. Example::
+    The caller's model is not modified. A peft model (unmerged LoRA adapters) is written as its compressed
+    base plus the adapter in ``adapter/``. Example::
 
         compress_(model, [QuantizeConfig(bits=4, group_size=128)])
         out = export_model(model, "ship/int4", tokenizer=tok, recipe=plan.to_dict())
         assert weight_bytes(out) == checkpoint_size(model).total
         reloaded = load_pretrained(out)
     """
-    if not isinstance(model, PreTrainedModel):
+    adapter: Any = model if is_peft_model(model) else None
+    base = lora_base(model) if adapter is not None else model
+    if not isinstance(base, PreTrainedModel):
         raise InvalidConfigError(
-            f"`model` must be a transformers PreTrainedModel (it needs a config to be reloaded), got "
-            f"{type(model).__name__}. Export the Hugging Face model itself, not a wrapper."
+            f"`model` must be a transformers PreTrainedModel (it needs a config to be reloaded) or a peft model "
+            f"of one, got {type(model).__name__}. Export the Hugging Face model itself, not a wrapper."
         )
     if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
         raise InvalidConfigError(
@@ -103,7 +122,10 @@ def export_model(
             "Choose a writable location."
         ) from exc
     try:
-        kind = _write_model(model, tmp)
+        kind = _write_model(base, tmp)
+        if adapter is not None:
+            # peft's own writer and format, so peft (and transformers' adapter support) reloads it as-is.
+            adapter.save_pretrained(str(tmp / ADAPTER_DIR), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / RECIPE_NAME).write_text(recipe_text)
@@ -142,13 +164,29 @@ def copy_checkpoint(
     return target
 
 
-def load_pretrained(directory: str | os.PathLike[str]) -> PreTrainedModel:
+def load_pretrained(directory: str | os.PathLike[str]) -> Any:
     """Reload any ``export_model`` directory (weights dequantized to the model dtype), on CPU.
 
-    Reads safetensors weights only and runs no code shipped in the directory. Example:
-    ``model = load_pretrained("ship/int4"); model(input_ids).logits``.
+    Reads safetensors weights only and runs no code shipped in the directory. Returns the transformers
+    model, or for a checkpoint with unmerged LoRA adapters (``adapter/``) a peft ``PeftModel`` of base +
+    adapter, in eval mode. Example: ``model = load_pretrained("ship/int4"); model(input_ids).logits``.
     """
     path = Path(directory)
+    base = _load_base(path)
+    if not (path / ADAPTER_DIR / "adapter_config.json").is_file():
+        return base
+    if not (path / ADAPTER_DIR / "adapter_model.safetensors").is_file():
+        raise InvalidConfigError(
+            f"`directory`'s adapter must be safetensors, got {str(path / ADAPTER_DIR)!r} without "
+            "adapter_model.safetensors. load_pretrained reads safetensors only (pickle-based .bin files can run "
+            "code when loaded); re-export the model with export_model."
+        )
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(path / ADAPTER_DIR)).eval()
+
+
+def _load_base(path: Path) -> PreTrainedModel:
     if not (path / "config.json").is_file():
         raise InvalidConfigError(
             f"`directory` must hold a saved model (config.json), got {str(path)!r}. Pass an export_model directory."

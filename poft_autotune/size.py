@@ -16,16 +16,23 @@ where ``header`` is the safetensors JSON header (compact, padded to 8 bytes) and
   also quantized, ``weight_packed`` int32 ``[ceil(nnz * bits / 32)]`` with the scales as above and
   ``weight_shape``.
 
-Biases stay dense. The Pareto axis, reports and the exporter all use this function; nominal bits per
+Biases stay dense. A model shipped with unmerged LoRA adapters (a peft model, ``recovery.lora_merge=False``)
+is two files: the compressed base as above (peft's ``unload`` of a copy: adapters removed, nothing merged)
+plus the adapter file peft writes (``adapter_model.safetensors``: every tensor of
+``get_peft_model_state_dict``, full precision), and its size is the sum of both.
+
+The Pareto axis, reports and the exporter all use this function; nominal bits per
 weight are reported beside it (``bits_per_weight``), never instead of it.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,7 +58,7 @@ _ST_DTYPES = {
     torch.bool: ("BOOL", 0),
 }
 
-PACKED, SCALES, SPARSE_META, DENSE = "packed", "scales", "sparse_meta", "dense"
+PACKED, SCALES, SPARSE_META, DENSE, ADAPTER = "packed", "scales", "sparse_meta", "dense", "adapter"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +68,7 @@ class TensorSpec:
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    kind: str  # PACKED, SCALES, SPARSE_META or DENSE
+    kind: str  # PACKED, SCALES, SPARSE_META, DENSE or ADAPTER
 
     @property
     def nbytes(self) -> int:
@@ -70,7 +77,10 @@ class TensorSpec:
 
 @dataclasses.dataclass(frozen=True)
 class SizeBreakdown:
-    """Bytes of the exported checkpoint, total and by kind; ``bits_per_weight`` of compressed layers."""
+    """Bytes of the exported checkpoint, total and by kind; ``bits_per_weight`` of compressed layers.
+
+    ``adapter``: bytes of the unmerged LoRA adapter file (its header included), 0 when there is none.
+    """
 
     total: int
     packed: int
@@ -79,9 +89,13 @@ class SizeBreakdown:
     dense: int
     header: int
     bits_per_weight: float | None
+    adapter: int = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "bits_per_weight"}
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "bits_per_weight"}
+        if not self.adapter:
+            del out["adapter"]  # most models have none; keep their breakdown as it was
+        return out
 
 
 def _quantized_specs(
@@ -172,11 +186,39 @@ def safetensors_bytes(specs: Iterable[TensorSpec], metadata: dict[str, str] | No
     return header_bytes + offset, header_bytes
 
 
+def is_peft_model(model: Any) -> bool:
+    """Whether ``model`` is a peft model (adapters attached, not merged)."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft is a core dependency; a broken install simply has no peft models
+        return False
+    return isinstance(model, PeftModel)
+
+
+def lora_base(peft_model: Any) -> nn.Module:
+    """A copy of ``peft_model``'s compressed base with the adapters removed, not merged (what is exported)."""
+    return copy.deepcopy(peft_model).unload()  # unload on a copy: the caller's model keeps its adapters
+
+
+def adapter_layout(peft_model: Any) -> list[TensorSpec]:
+    """The tensors of the adapter file peft's ``save_pretrained`` writes (``get_peft_model_state_dict``)."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(peft_model)
+    return [TensorSpec(name, t.dtype, tuple(t.shape), ADAPTER) for name, t in state.items()]
+
+
 def checkpoint_size(model: nn.Module) -> SizeBreakdown:
     """Size of ``model``'s exported checkpoint in bytes, with its breakdown. Example::
 
     checkpoint_size(model).total  # what `du -b` of the weight file(s) will say
+
+    For a peft model (unmerged LoRA) the total is the compressed base plus the adapter file.
     """
+    if is_peft_model(model):
+        base = checkpoint_size(lora_base(model))
+        adapter, _ = safetensors_bytes(adapter_layout(model))
+        return dataclasses.replace(base, total=base.total + adapter, adapter=adapter)
     specs = checkpoint_layout(model)
     total, header = safetensors_bytes(specs)
     by_kind = {kind: sum(s.nbytes for s in specs if s.kind == kind) for kind in (PACKED, SCALES, SPARSE_META, DENSE)}

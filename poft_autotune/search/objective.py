@@ -103,7 +103,8 @@ class TrialResult:
     recovery_steps: int
     timings: dict[str, float]
     train_loss: list[float] = dataclasses.field(default_factory=list)
-    # LoRA trials: the metric with the adapters still separate, before merge and re-compression.
+    # LoRA trials: the metric with the adapters still separate (before merge and re-compression; for
+    # ``lora_merge=False`` that is the shipped form, so it equals ``recovered_metric``).
     unmerged_metric: float | None = None
 
     @property
@@ -287,15 +288,17 @@ def _run_trial(
     train_loss: list[float] = []
     t = time.perf_counter()
     unmerged_metric = None
+    lora = plan.recovery.steps > 0 and plan.recovery.lora_rank > 0
     if plan.recovery.steps > 0:
         with record_function("poft.recover"):
             model, train_loss = _recover(model, plan, context, monitor)
-        if plan.recovery.lora_rank > 0:
+        if lora and plan.recovery.lora_merge:
             # Measured before merging so the cost of merge + re-compression is visible (with a quantized
             # base, updates smaller than half a grid step are rounded away).
             unmerged_metric = measure("eval_unmerged_s")
             with record_function("poft.merge"):
                 model = merge_lora_(model)  # ships merged: update folded in, then masked and re-quantized
+        # lora_merge=False: the peft model (compressed base + full-precision adapter) IS the shipped form.
     timings["recover_s"] = time.perf_counter() - t - timings.get("eval_unmerged_s", 0.0)
     with record_function("poft.size"):
         size = checkpoint_size(model)
@@ -310,6 +313,8 @@ def _run_trial(
         timings["export_s"] = time.perf_counter() - t
     strip_(model)  # the shipped form: plain parameters, no masks, latents or hooks
     recovered_metric = measure("eval_recovered_s") if plan.recovery.steps > 0 else compressed_metric
+    if lora and not plan.recovery.lora_merge:
+        unmerged_metric = recovered_metric  # shipped unmerged: the evaluated model is base + adapter
     timings["total_s"] = time.perf_counter() - start
     if not math.isfinite(recovered_metric):
         raise TrialFailedError(f"the recovered model's {context.metric.name} is {recovered_metric}")

@@ -26,6 +26,10 @@ class RecoveryConfig:
     ``distill_weight`` w mixes the loss as ``(1 - w) * task + w * KD`` with temperature ``temperature``.
     ``lora_rank`` 0 fine-tunes every weight; > 0 trains LoRA adapters of that rank (alpha ``lora_alpha``,
     default ``2 * rank``) on the frozen compressed layers, merged and re-compressed before evaluation.
+    ``lora_merge=False`` ships the adapters unmerged instead: the compressed base plus the adapter in full
+    precision (peft's ``adapter_model.safetensors``); the trial evaluates that pair and its size counts
+    the adapter's bytes. A LoRA update smaller than half a grid step is rounded away by the merge, so on
+    a coarse grid (int4/int3) the unmerged form keeps what recovery learned, at the adapter's cost.
     """
 
     steps: int = 50
@@ -35,6 +39,7 @@ class RecoveryConfig:
     lora_rank: int = 0
     lora_alpha: int | None = None
     lora_dropout: float = 0.0
+    lora_merge: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 0:
@@ -55,6 +60,11 @@ class RecoveryConfig:
             )
         if not 0 <= self.lora_dropout < 1:
             raise InvalidConfigError(f"`recovery.lora_dropout` must be in [0, 1), got {self.lora_dropout!r}.")
+        if not isinstance(self.lora_merge, bool):
+            raise InvalidConfigError(
+                f"`recovery.lora_merge` must be True (merge and re-compress) or False (ship the adapter "
+                f"separately), got {self.lora_merge!r}."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -111,7 +121,9 @@ class SearchSpace:
     ``choices``: per method, overrides of its suggest ranges (e.g. ``{"quantize": {"bits": (3, 8)}}``).
     Recovery ranges: ``steps`` (int, low..high), ``learning_rate`` (log-uniform), ``distill_weight``,
     ``temperature``; a range with low == high fixes the value. ``lora_rank``: ranks to choose from (0 = full
-    fine-tune; ``(0,)`` never uses LoRA).
+    fine-tune; ``(0,)`` never uses LoRA). ``lora_merge``: for LoRA trials, whether the adapters are merged
+    and re-compressed (``True``) or shipped beside the compressed base (``False``); ``(True, False)`` lets
+    the search choose (parameter ``recovery.lora_merge``).
     """
 
     methods: tuple[str, ...] = ("quantize", "prune", "nm", "prune+quantize")
@@ -121,6 +133,7 @@ class SearchSpace:
     distill_weight: tuple[float, float] = (0.0, 1.0)
     temperature: tuple[float, float] = (1.0, 4.0)
     lora_rank: tuple[int, ...] = (0, 8, 16)  # 0 = full fine-tune; the search chooses
+    lora_merge: tuple[bool, ...] = (True,)
 
     def __post_init__(self) -> None:
         if isinstance(self.methods, str):
@@ -141,6 +154,12 @@ class SearchSpace:
         if not self.lora_rank or any(not isinstance(r, int) or r < 0 for r in self.lora_rank):
             raise InvalidConfigError(
                 f"`lora_rank` must list integers >= 0 (0 = full fine-tune), got {self.lora_rank!r}."
+            )
+        object.__setattr__(self, "lora_merge", tuple(self.lora_merge))
+        if not self.lora_merge or any(not isinstance(m, bool) for m in self.lora_merge):
+            raise InvalidConfigError(
+                f"`lora_merge` must list True and/or False (e.g. (True, False) to let the search choose), "
+                f"got {self.lora_merge!r}."
             )
         if self.steps[0] < 0 or self.learning_rate[0] <= 0:
             raise InvalidConfigError(
@@ -189,16 +208,21 @@ def suggest_plan(trial: optuna.Trial, space: SearchSpace, seed: int = 0) -> Tria
     )
     low, high = space.steps
     steps = low if low == high else trial.suggest_int("recovery.steps", low, high)
+    lora_rank = int(
+        space.lora_rank[0]
+        if len(space.lora_rank) == 1
+        else trial.suggest_categorical("recovery.lora_rank", list(space.lora_rank))
+    )
+    merge = space.lora_merge[0] if lora_rank > 0 else True  # only LoRA trials have a merge choice
+    if lora_rank > 0 and len(set(space.lora_merge)) > 1:
+        merge = bool(trial.suggest_categorical("recovery.lora_merge", list(dict.fromkeys(space.lora_merge))))
     recovery = RecoveryConfig(
         steps=int(steps),
         learning_rate=_suggest_range(trial, "recovery.learning_rate", space.learning_rate, log=True),
         distill_weight=_suggest_range(trial, "recovery.distill_weight", space.distill_weight),
         temperature=_suggest_range(trial, "recovery.temperature", space.temperature),
-        lora_rank=int(
-            space.lora_rank[0]
-            if len(space.lora_rank) == 1
-            else trial.suggest_categorical("recovery.lora_rank", list(space.lora_rank))
-        ),
+        lora_rank=lora_rank,
+        lora_merge=merge,
     )
     return TrialPlan(compression=configs, recovery=recovery, seed=seed)
 
