@@ -17,6 +17,7 @@ A definition (``poft-autotune run study.yaml``)::
       steps: [10, 40]
       learning_rate: [1.0e-5, 2.0e-4]
       lora_rank: [0, 8]
+      lora_merge: [true, false]       # LoRA adapters merged + re-compressed, or shipped beside the base
       choices: {quantize: {bits: [3, 8]}}
     n_trials: 6
     seed: 0
@@ -163,6 +164,7 @@ SPACE: dict[str, Check] = {
     "distill_weight": ("[low, high] (numbers in [0, 1])", _range(_float)),
     "temperature": ("[low, high] (numbers > 0)", _range(_float)),
     "lora_rank": ("a list of integers >= 0 (0 = full fine-tune)", _list(NONNEG_INT[1])),
+    "lora_merge": ("a list of true/false (false = ship LoRA adapters unmerged)", _list(_bool)),
     "choices": MAPPING,
 }
 FILE_DATA: dict[str, Check] = {"train": STR, "eval": STR, "format": STR, "text_column": STR, "label_column": STR}

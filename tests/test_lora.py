@@ -150,3 +150,15 @@ def _params(space, n=1):
         study.tell(trial, 0.0)
     params = [t.params for t in study.trials]
     return {**params[0], "all": params}
+
+
+def test_study_file_can_let_the_search_choose_lora_merge(tmp_path):
+    from poft_autotune import InvalidConfigError
+    from poft_autotune.study_config import parse_study_config
+
+    for name in ("t.csv", "e.csv"):
+        (tmp_path / name).write_text("text,label\na,0\n")
+    definition = {"model": "m", "data": {"train": "t.csv", "eval": "e.csv"}, "space": {"lora_merge": [True, False]}}
+    assert parse_study_config(definition, base_dir=tmp_path).space.lora_merge == (True, False)
+    with pytest.raises(InvalidConfigError, match="space.lora_merge"):
+        parse_study_config({**definition, "space": {"lora_merge": ["no"]}}, base_dir=tmp_path)
