@@ -110,13 +110,20 @@ def _context(n_eval: int = N_EVAL) -> Any:
     metric = resolve_metric("perplexity", CAUSAL_LM)
     collator = PadCollator(tokenizer.eos_token_id, CAUSAL_LM)
     cached = _load().get("dense")
+    if cached and "size_bytes" not in cached:
+        from poft_autotune.export import weight_bytes
+
+        _save({**_load(), "dense": {**cached, "size_bytes": weight_bytes(source)}})  # the dense checkpoint
     if cached and cached["n_eval"] == n_eval:
         dense = cached["perplexity"]
     else:
         t = time.perf_counter()
         dense = evaluate_model(base, evaluation, metric, collator, 16)
         if n_eval == N_EVAL:
-            _save({**_load(), "dense": {"perplexity": dense, "n_eval": n_eval, "eval_s": time.perf_counter() - t}})
+            from poft_autotune.export import weight_bytes
+
+            record = {"perplexity": dense, "n_eval": n_eval, "eval_s": time.perf_counter() - t}
+            _save({**_load(), "dense": {**record, "size_bytes": weight_bytes(source)}})
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(),
         per_device_train_batch_size=BATCH,
@@ -227,6 +234,9 @@ def report() -> None:
     write_report(_load(), HERE / "quality_smollm2.md")
 
 
+NOTES_MARKER = "<!-- notes: written by hand from the numbers above; kept when the table is regenerated -->"
+
+
 def _gap_closed(compressed: float, recovered: float, reference: float) -> float | None:
     """Share of the perplexity gap (compressed - reference) that recovery removed."""
     gap = compressed - reference
@@ -292,8 +302,8 @@ def write_report(data: dict[str, Any], out: Path) -> None:
     lines = [
         "# Quality benchmark: SmolLM2-135M on English news prose",
         "",
-        "Command (about an hour of 2-core CPU; each configuration runs under `flock /tmp/poft-heavy.lock` and",
-        "is appended to `studies/quality_smollm2.json`, finished ones are skipped):",
+        "Command (each configuration runs under `flock /tmp/poft-heavy.lock` and is appended to",
+        "`studies/quality_smollm2.json`; finished ones are skipped, so an interrupted run resumes):",
         "",
         "    python studies/quality_smollm2.py all",
         "",
@@ -307,7 +317,7 @@ def write_report(data: dict[str, Any], out: Path) -> None:
         "embeddings / tied LM head stay fp32. Every row is one `run_trial` (the product's path): compress,",
         "evaluate, recover, export the shipped checkpoint (bytes on disk asserted equal to the size), evaluate.",
         "",
-        f"Dense perplexity: **{dense:.2f}**"
+        f"Dense perplexity: **{dense:.2f}**, {data['dense']['size_bytes'] / 2**20:.1f} MiB (fp32)"
         + (
             f"; dense + {runs['dense-full']['plan']['recovery']['steps']} full-FT steps on news: **{dense_ft:.2f}**."
             if dense_ft
@@ -340,8 +350,11 @@ def write_report(data: dict[str, Any], out: Path) -> None:
         "",
         "![perplexity per configuration](quality_smollm2.png)",
         "",
+        NOTES_MARKER,
     ]
-    out.write_text("\n".join(lines) + "\n")
+    # Hand-written reading of the numbers below the marker survives a regeneration of the table.
+    notes = out.read_text().split(NOTES_MARKER, 1)[1] if out.exists() and NOTES_MARKER in out.read_text() else "\n"
+    out.write_text("\n".join(lines) + notes)
     _plot(rows, dense, dense_ft, out.with_suffix(".png"))
     print("\n".join(lines))
 
@@ -377,9 +390,12 @@ def _plot(rows: list[dict[str, Any]], dense: float, dense_ft: float | None, path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["all", "run", "report", "probe"])
-    parser.add_argument("name", nargs="*", choices=list(CONFIGS), help="configurations (default: all in ORDER)")
+    parser.add_argument("name", nargs="*", help=f"configurations (default: ORDER); any of {', '.join(CONFIGS)}")
     parser.add_argument("--steps", type=int, default=STEPS)
     args = parser.parse_args()
+    unknown = [n for n in args.name if n not in CONFIGS]
+    if unknown:  # (argparse's `choices` rejects an empty nargs="*" list on Python 3.11)
+        parser.error(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
     if args.command == "run":
         if len(args.name) != 1:
             parser.error("run needs one configuration NAME")
