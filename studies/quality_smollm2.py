@@ -366,7 +366,7 @@ def _plot(rows: list[dict[str, Any]], dense: float, dense_ft: float | None, path
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if r["bits"] != "dense"]
-    fig, ax = plt.subplots(figsize=(9, 0.55 * len(rows) + 1.8))
+    fig, ax = plt.subplots(figsize=(11, 0.55 * len(rows) + 1.8))
     y = np.arange(len(rows))
     ax.barh(y + 0.27, [r["ptq"] for r in rows], 0.26, color="#bbbbbb", label="after PTQ")
     ax.barh(y, [r["shipped"] for r in rows], 0.26, color="#1f77b4", label="after recovery, shipped")
@@ -381,7 +381,7 @@ def _plot(rows: list[dict[str, Any]], dense: float, dense_ft: float | None, path
     ax.set_xscale("log")
     ax.set_xlabel(f"perplexity on held-out news ({N_EVAL} x {SEQ_LEN} tokens), log scale; lower is better")
     ax.set_title("SmolLM2-135M (its 'dense' weights already carry GGUF Q4_1 noise): PTQ and recovery")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
