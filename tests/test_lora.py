@@ -82,7 +82,7 @@ def test_unmerged_lora_ships_base_plus_adapter(tmp_path):
     """lora_merge=False: the trial evaluates compressed base + adapter, sizes both files, reloads both."""
     from safetensors import safe_open
 
-    from poft_autotune import RecoveryConfig, TrialPlan, load_pretrained, run_trial
+    from poft_autotune import InvalidConfigError, RecoveryConfig, TrialPlan, load_pretrained, run_trial
     from poft_autotune.export import weight_bytes
 
     context = _lm_context(tmp_path, tiny_llama())
@@ -116,6 +116,10 @@ def test_unmerged_lora_ships_base_plus_adapter(tmp_path):
     assert base_only != pytest.approx(result.recovered_metric, rel=1e-5)
     recipe = json.loads((out / "poft_recipe.json").read_text())
     assert recipe["recipe"]["plan"]["recovery"]["lora_merge"] is False
+    # Safetensors only, for the adapter as for the base: no silent fallback to a pickled adapter.
+    adapter_file.unlink()
+    with pytest.raises(InvalidConfigError, match="adapter_model.safetensors"):
+        load_pretrained(out)
 
 
 def test_lora_merge_is_validated_and_searchable():
