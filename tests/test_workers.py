@@ -167,6 +167,9 @@ def _study_file(tmp_path, *, n_trials, steps, name="w"):
         "methods": ["quantize"],
         "space": {"steps": list(steps), "learning_rate": [1e-4, 1e-4], "lora_rank": [0], "distill_weight": [0, 0]},
         "n_trials": n_trials,
+        "policy": "random",  # no policy proposals in the queue: the test's own plans and retries run in order
+        "early_stopping": False,
+        "promote": False,
         "study_name": name,
         "output_dir": "out",
         "keep_checkpoints": "all",
@@ -177,10 +180,10 @@ def _study_file(tmp_path, *, n_trials, steps, name="w"):
     return path
 
 
-def _worker(study_file, storage, *extra):
+def _worker(study_file, storage, grace=3):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "poft_autotune.cli", "worker", str(study_file), "--storage", storage]
-    command += ["--heartbeat-interval", "1", "--grace-period", "3", "--quiet", *extra]
+    command += ["--heartbeat-interval", "1", "--grace-period", str(grace), "--quiet"]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -265,7 +268,8 @@ def test_two_workers_on_postgres_run_every_planned_trial_exactly_once(tmp_path):
         planned = [{"method": "quantize", "quantize.bits": b, "quantize.group_size": None} for b in range(3, 9)]
         for params in planned:
             study.enqueue_trial(params)
-        workers = [_worker(study_file, url) for _ in range(2)]
+        # A long grace period: nobody dies here, and a loaded machine must not make a live trial look lost.
+        workers = [_worker(study_file, url, grace=30) for _ in range(2)]
         outputs = [_wait(w) for w in workers]
         trials = study.get_trials(deepcopy=False)
         search = [t for t in trials if t.params]
@@ -329,6 +333,8 @@ def test_nan_loss_exception_and_out_of_memory_fail_their_trial_and_the_study_goe
         space=SearchSpace(methods=("fault", "quantize"), steps=(2, 2), lora_rank=(0,), distill_weight=(0.0, 0.0)),
         storage=storage,
         study_name="f",
+        policy="random",
+        early_stopping=None,
         training_args=tiny_training_args(str(tmp_path / "out")),
         output_dir=tmp_path,
         show_progress=False,
@@ -362,6 +368,8 @@ def test_ctrl_c_fails_the_trial_and_queues_its_plan_for_the_resume(tmp_path, fau
         "training_args": tiny_training_args(str(tmp_path / "out")),
         "output_dir": tmp_path,
         "show_progress": False,
+        "policy": "random",
+        "early_stopping": None,
     }
     model, train, evaluation = tiny_llama(), lm_dataset(16), lm_dataset(8, seed=1)
     with pytest.raises(KeyboardInterrupt):
