@@ -41,7 +41,7 @@ from poft_autotune.search.space import RecoveryConfig, SearchSpace, TrialPlan
 from poft_autotune.search.stopping import DominanceMonitor, EarlyStopping
 from poft_autotune.size import checkpoint_size
 from poft_autotune.validate import check_arguments, check_setup, check_study_space, shown_storage
-from poft_autotune.workers import is_dense_trial, open_storage, requeue, trials_done, trials_left
+from poft_autotune.workers import claim, is_dense_trial, open_storage, requeue, trials_done, trials_left
 
 logger = logging.getLogger("poft_autotune")
 
@@ -336,9 +336,9 @@ def autotune(
     dense = study.user_attrs.get(DENSE_ATTR)
     if dense is None:
         dense_metric = evaluate_model(base, evaluation, resolved, collator, eval_batch_size)
-    if dense is None and DENSE_ATTR not in study.user_attrs:  # another worker may have recorded it meanwhile
+    # Workers starting together on a new study all measure the dense model; one of them records it.
+    if dense is None and claim(study, "dense") and DENSE_ATTR not in study.user_attrs:
         size = checkpoint_size(base)
-        study.set_user_attr(DENSE_ATTR, {"metric": dense_metric, "size_bytes": size.total})  # claim it first
         plan = TrialPlan(compression=(), recovery=RecoveryConfig(steps=0), seed=seed)
         attrs: dict[str, Any] = {}
         if keep_checkpoints != "none":
@@ -368,11 +368,13 @@ def autotune(
         dense_trial = [t for t in study.get_trials(deepcopy=False) if is_dense_trial(t)][-1]
         note = trial_note(plan, result, trial_number=dense_trial.number, checkpoint=attrs.get(CHECKPOINT_ATTR))
         save_trial_note(study, dense_trial, note)
+        study.set_user_attr(DENSE_ATTR, {"metric": dense_metric, "size_bytes": size.total})
         study.set_user_attr(CONSTRAINTS_ATTR, wanted)
         logger.info("dense baseline: %s=%.4g, %d bytes", resolved.name, dense_metric, size.total)
     elif dense is not None:
         dense_metric = float(dense["metric"])
-    dense_size = int(study.user_attrs[DENSE_ATTR]["size_bytes"])
+    recorded = study.user_attrs.get(DENSE_ATTR)  # None while another worker is still recording it
+    dense_size = int(recorded["size_bytes"]) if recorded else checkpoint_size(base).total
     context = TrialContext(
         base, train, evaluation, resolved, collator, args, dense_metric, eval_batch_size, tokenizer=tokenizer
     )

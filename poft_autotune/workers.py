@@ -367,6 +367,26 @@ class _HeartbeatThread(threading.Thread):
             time.sleep(interval)
 
 
+def claim(study: optuna.Study, key: str, *, settle_s: float = 0.3, expire_s: float = 600.0) -> bool:
+    """Whether this process wins the one-time job ``key`` (e.g. recording the dense baseline) among the
+    workers that ask at about the same time.
+
+    Optuna storages have no compare-and-set, so this is last-writer-wins: each contender writes its id to
+    the study system attr ``poft:claim:<key>``, waits ``settle_s`` (far longer than a storage write takes)
+    and wins if its id is still there. A claim younger than ``expire_s`` makes later contenders lose at
+    once; an older one (its worker died before finishing the job) is void.
+    """
+    storage, name = study._storage, f"poft:claim:{key}"
+    current = storage.get_study_system_attrs(study._study_id).get(name)
+    if isinstance(current, dict) and time.time() - float(current.get("at", 0)) < expire_s:
+        return False
+    me = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}:{time.monotonic_ns()}"
+    storage.set_study_system_attr(study._study_id, name, {"by": me, "at": time.time()})
+    time.sleep(settle_s)
+    final = storage.get_study_system_attrs(study._study_id).get(name)
+    return isinstance(final, dict) and final.get("by") == me
+
+
 def plan_seed(trial: optuna.trial.BaseTrial, seed: int) -> int:
     """The seed of a trial's plan: ``seed`` + the number of the trial it retries (else its own number),
     so a retried plan trains exactly as the lost one would have."""

@@ -39,6 +39,7 @@ from poft_autotune.workers import (
     WORKER_ATTR,
     HeartbeatJournalStorage,
     RetryLostTrial,
+    claim,
     fail_lost_trials,
     next_trial,
     open_storage,
@@ -131,6 +132,25 @@ def test_budget_is_the_study_total_and_waits_for_running_trials(tmp_path):
     assert next_trial(study, 3, poll_s=0.2) is None
     assert time.monotonic() - start >= 1.4
     assert trials_done(study) == (3, 0)
+
+
+def test_claim_has_exactly_one_winner_among_simultaneous_contenders(tmp_path):
+    """Recording the dense baseline is claimed: of workers claiming at once, one wins; later ones lose."""
+    study = _toy_study(open_storage(tmp_path / "s.journal", heartbeat_interval=1, grace_period=3))
+    barrier, wins = threading.Barrier(4), []
+
+    def contend():
+        barrier.wait()
+        wins.append(claim(study, "dense"))
+
+    threads = [threading.Thread(target=contend) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(wins) == [False, False, False, True]
+    assert claim(study, "dense") is False  # a fresh claim blocks latecomers
+    assert claim(study, "dense", expire_s=0.0) is True  # an expired one (its worker died) does not
 
 
 # ------------------------------------------------------------------------------------- worker processes
