@@ -310,6 +310,7 @@ def trials_left(study: optuna.Study, n_trials: int, *, poll_s: float | None = No
     Example: ``while trials_left(study, 30): trial = ask(study); ...``.
     """
     beats = heartbeat_enabled(study)
+    said = False
     while True:
         fail_lost_trials(study)
         finished, running = trials_done(study)
@@ -318,6 +319,9 @@ def trials_left(study: optuna.Study, n_trials: int, *, poll_s: float | None = No
             return left
         if not beats or running == 0:
             return 0
+        if not said:
+            logger.info("budget taken: waiting for %d trial(s) running elsewhere (a lost one is retried)", running)
+            said = True
         interval = study._storage.get_heartbeat_interval()  # type: ignore[attr-defined]
         time.sleep(poll_s if poll_s is not None else float(interval))
 
