@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import platform
+import re
 import resource
 import shutil
 import subprocess
@@ -109,12 +110,12 @@ class _PerTrial(logging.Handler):
                     "peak_rss_mib": round(_peak_rss_mib(), 1),
                     "rss_mib": round(_rss_mib(), 1),
                     "elapsed_s": round(time.perf_counter() - self.start, 1),
-                    "line": message[:160],
+                    "line": message,
                 }
             )
 
 
-def soak(n_trials: int) -> dict[str, Any]:
+def soak(n_trials: int, policy: str) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
@@ -125,7 +126,7 @@ def soak(n_trials: int) -> dict[str, Any]:
     logger.setLevel(logging.INFO)
     load_before = _loadavg()
     try:
-        _run_study(f"sqlite:///{work}/soak.db", "soak", n_trials, work)
+        _run_study(f"sqlite:///{work}/soak.db", "soak", n_trials, work, policy=policy)
     finally:
         logger.removeHandler(handler)
         shutil.rmtree(work, ignore_errors=True)
@@ -133,6 +134,7 @@ def soak(n_trials: int) -> dict[str, Any]:
     growth = rows[-1]["peak_rss_mib"] / rows[2]["peak_rss_mib"] - 1 if len(rows) >= 3 else None
     return {
         "n_trials": n_trials,
+        "policy": policy,
         "rows": rows,
         "peak_growth_3_to_last": growth,
         "load_before": load_before,
@@ -227,8 +229,21 @@ def _machine() -> dict[str, Any]:
     }
 
 
+_YES_NO = {True: "yes", False: "no", None: "?"}
+
+
+def _trained(line: str) -> bool | None:
+    """Whether a per-trial line is of a trial that ran recovery steps: its "(N steps)", or (lines cut short
+    by the first run's logger) a recovered metric that differs from the compressed one; None: unknown."""
+    steps = re.search(r"(\d+) steps\)", line)
+    if steps:
+        return int(steps.group(1)) > 0
+    numbers = re.search(r"compressed ([\d.e+-]+) -> recovered ([\d.e+-]+) ", line)
+    return None if numbers is None else numbers.group(1) != numbers.group(2)
+
+
 def report() -> str:
-    soak_data = json.loads((OUT / "soak.json").read_text()) if (OUT / "soak.json").exists() else None
+    soaks = [json.loads(p.read_text()) for p in sorted(OUT.glob("soak*.json"))]
     tp = json.loads((OUT / "throughput.json").read_text()) if (OUT / "throughput.json").exists() else None
     lines = [
         "# Soak and scale-out benchmark",
@@ -240,24 +255,35 @@ def report() -> str:
         "`studies/soak_workers/*.json`.",
         "",
     ]
-    if soak_data:
+    for soak_data in soaks:
         rows = soak_data["rows"]
         growth = soak_data["peak_growth_3_to_last"]
         verdict = "met" if growth is not None and growth <= 0.10 else "NOT met"
+        trained = [r for r in rows if _trained(r["line"]) is True]
+        policy = soak_data.get("policy", "agent")
         lines += [
-            f"## Memory over {len(rows)} trials in one process ({soak_data['machine']['date']})",
+            f"## Memory over {len(rows)} trials in one process, policy `{policy}` ({soak_data['machine']['date']})",
             "",
             f"Peak RSS after trial 3: **{rows[2]['peak_rss_mib']:.1f} MiB**; after trial {len(rows)}: "
             f"**{rows[-1]['peak_rss_mib']:.1f} MiB**; growth **{100 * growth:+.1f} %** (target <= +10 %: {verdict}).",
+        ]
+        if trained and trained[0]["trial"] > 3:
+            first = trained[0]
+            lines.append(
+                f"Trials 1-{first['trial'] - 1} were probes (compression + evaluation, no recovery training); "
+                f"from the first trial that trained (trial {first['trial']}, peak {first['peak_rss_mib']:.1f} MiB) "
+                f"to trial {len(rows)}: **{100 * (rows[-1]['peak_rss_mib'] / first['peak_rss_mib'] - 1):+.1f} %**."
+            )
+        lines += [
             f"Load average before / after: {soak_data['load_before']} / {soak_data['load_after']}.",
             "",
-            "| trial | peak RSS (MiB) | RSS now (MiB) | elapsed (s) | trial |",
-            "|---:|---:|---:|---:|---|",
+            "| trial | trained | peak RSS (MiB) | RSS now (MiB) | elapsed (s) | trial |",
+            "|---:|---|---:|---:|---:|---|",
         ]
         for r in rows:
             lines.append(
-                f"| {r['trial']} | {r['peak_rss_mib']:.1f} | {r['rss_mib']:.1f} | {r['elapsed_s']:.0f} | "
-                f"{r['line'].split(': ')[0]} |"
+                f"| {r['trial']} | {_YES_NO[_trained(r['line'])]} | {r['peak_rss_mib']:.1f} | "
+                f"{r['rss_mib']:.1f} | {r['elapsed_s']:.0f} | {r['line'].split(': ')[0]} |"
             )
         lines.append("")
     if tp:
@@ -272,16 +298,40 @@ def report() -> str:
             "",
             f"**Speed-up of 2 workers over 1: {tp['speedup']:.2f} x** (target >= 1.8 x = 0.9 x 2: {verdict}).",
             "",
-            "| workers | trials | trials / min | span (s) | mean trial (s) | trials per worker | wall (s) | "
-            "workers' CPU (s) | load before | load after |",
-            "|---:|---:|---:|---:|---:|---|---:|---:|---|---|",
+        ]
+        cpu = {n: [r["children_cpu_s"] / r["trials"] for r in tp["runs"] if r["workers"] == n] for n in (1, 2)}
+        cores = {n: [r["children_cpu_s"] / r["wall_s"] for r in tp["runs"] if r["workers"] == n] for n in (1, 2)}
+        if cpu[1] and cpu[2]:
+            c1, c2 = sum(cpu[1]) / len(cpu[1]), sum(cpu[2]) / len(cpu[2])
+            k1, k2 = sum(cores[1]) / len(cores[1]), sum(cores[2]) / len(cores[2])
+            lines += [
+                f"CPU seconds per trial (the workers' user + system time, start-up included, / trials): "
+                f"{c1:.2f} s with 1 worker, {c2:.2f} s with 2 (ratio {c1 / c2:.2f}). CPU the workers got "
+                f"(CPU time / wall time): {k1:.2f} cores with 1 worker, {k2:.2f} cores with 2 workers, of 2. "
+                "'distinct plans' counts different parameter sets among the trials.",
+                "",
+            ]
+        lines += [
+            "| workers | trials | distinct plans | trials / min | span (s) | mean trial (s) | trials per worker | "
+            "wall (s) | workers' CPU (s) | load before | load after |",
+            "|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---|",
         ]
         for r in tp["runs"]:
             lines.append(
-                f"| {r['workers']} | {r['trials']} | {r['trials_per_min']:.2f} | {r['span_s']:.1f} | "
+                f"| {r['workers']} | {r['trials']} | {r.get('distinct_plans', '?')} | {r['trials_per_min']:.2f} | "
+                f"{r['span_s']:.1f} | "
                 f"{r['mean_trial_s']:.2f} | {r['per_worker']} | {r['wall_s']:.0f} | {r['children_cpu_s']:.0f} | "
                 f"{r['load_before']} | {r['load_after']} |"
             )
+        dup = [r for r in tp["runs"] if r["workers"] == 2 and r.get("distinct_plans", r["trials"]) < r["trials"]]
+        if dup:
+            lines += [
+                "",
+                f"With 2 workers only {dup[0]['distinct_plans']} of {dup[0]['trials']} plans were distinct: every "
+                "worker seeds its sampler with the same `seed`, so the random policy's draws repeat across workers "
+                "(to fix in the policy layer: seed per trial). Each trial's work is the same either way, so the "
+                "throughput numbers stand.",
+            ]
         lines.append("")
     text = "\n".join(lines)
     REPORT.write_text(text)
@@ -292,6 +342,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("piece", nargs="?", default="all", choices=("all", "soak", "throughput", "report", "_worker"))
     parser.add_argument("--soak-trials", type=int, default=30)
+    parser.add_argument(
+        "--soak-policy",
+        default="agent",
+        help="agent (default: the real search; its first trials are probes without training) or random "
+        "(every trial trains); results in soak.json / soak_<policy>.json",
+    )
     parser.add_argument("--tp-trials", type=int, default=16, help="search trials per throughput run")
     parser.add_argument("--rounds", type=int, default=2, help="throughput rounds (each: 1 worker, then 2)")
     parser.add_argument("--storage", help=argparse.SUPPRESS)
@@ -305,8 +361,9 @@ def main() -> None:
         return
     OUT.mkdir(exist_ok=True)
     if args.piece in ("all", "soak"):
-        result = {**soak(args.soak_trials), "machine": _machine()}
-        (OUT / "soak.json").write_text(json.dumps(result, indent=1))
+        result = {**soak(args.soak_trials, args.soak_policy), "machine": _machine()}
+        name = "soak.json" if args.soak_policy == "agent" else f"soak_{args.soak_policy}.json"
+        (OUT / name).write_text(json.dumps(result, indent=1))
         print(f"soak: peak RSS growth trial 3 -> last: {100 * result['peak_growth_3_to_last']:+.1f} %", flush=True)
     if args.piece in ("all", "throughput"):
         result = {**throughput(args.tp_trials, args.rounds), "machine": _machine()}
