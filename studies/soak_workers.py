@@ -329,8 +329,8 @@ def report() -> str:
                 "",
                 f"With 2 workers only {dup[0]['distinct_plans']} of {dup[0]['trials']} plans were distinct: every "
                 "worker seeds its sampler with the same `seed`, so the random policy's draws repeat across workers "
-                "(to fix in the policy layer: seed per trial). Each trial's work is the same either way, so the "
-                "throughput numbers stand.",
+                "(to fix in the policy layer: seed per trial). The trials are still random plans of the same ranges, so the "
+                "throughput comparison stands.",
             ]
         lines.append("")
     text = "\n".join(lines)
