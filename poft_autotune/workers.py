@@ -57,6 +57,7 @@ PLAN_ATTR = "plan"  # = poft_autotune.pareto.PLAN_ATTR (not imported: pareto imp
 # = poft_autotune.search.policy.PRUNED_ATTR: a trial closed at once as a duplicate of another worker's plan
 PRUNED_ATTR, DUPLICATE_PREFIX = "pruned_reason", "duplicate of"
 SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+JOURNAL_SUFFIXES = (".journal", ".log", ".jsonl")
 _SQLITE_HEADER = b"SQLite format 3\x00"
 
 
@@ -205,14 +206,18 @@ def open_storage(
     text = os.fspath(storage)
     if "://" not in text:
         path = Path(text).expanduser()
-        if path.is_dir():
-            raise InvalidConfigError(f"`storage` must be a URL or a file path, got the directory {text!r}.")
-        if path.suffix.lower() in SQLITE_SUFFIXES or _is_sqlite(path):
-            path.parent.mkdir(parents=True, exist_ok=True)
+        kind = storage_file_kind(path)
+        if kind is None:
+            raise InvalidConfigError(
+                "`storage` must be a database URL such as 'sqlite:///studies/poft.db' or "
+                "'postgresql://user:password@host/db', or a file ending in .db (SQLite) or .journal (several "
+                f"workers on one machine), got {text!r}."
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if kind == "sqlite":
             text = f"sqlite:///{path.resolve()}"
         else:
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
                 backend = JournalFileBackend(str(path))
             except OSError as exc:
                 raise InvalidConfigError(f"Could not open the journal file {text!r}: {exc}") from exc
@@ -222,7 +227,7 @@ def open_storage(
                 grace_period=grace_period,
                 heartbeat_stale_trial_callback=retry,
             )
-    text = _with_driver(text)
+    shown, text = _masked(text), _with_driver(text)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -234,11 +239,21 @@ def open_storage(
             )
     except ImportError as exc:
         raise MissingDependencyError(
-            f"The storage {text!r} needs a database driver that is not installed ({exc}). For PostgreSQL: "
+            f"The storage {shown} needs a database driver that is not installed ({exc}). For PostgreSQL: "
             'pip install "poft-autotune[postgres]".'
         ) from exc
     except Exception as exc:  # sqlalchemy raises many types for bad URLs and unreachable servers
-        raise InvalidConfigError(f"Could not open the study storage {text!r}: {exc}") from exc
+        raise InvalidConfigError(f"Could not open the study storage {shown}: {exc}") from exc
+
+
+def _masked(url: str) -> str:
+    """The URL for messages, its password masked."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return repr(make_url(url).render_as_string(hide_password=True))
+    except Exception:
+        return repr(url)
 
 
 def _with_driver(url: str) -> str:
@@ -252,6 +267,19 @@ def _with_driver(url: str) -> str:
     if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg") is not None:
         return f"postgresql+psycopg{sep}{rest}"
     return url
+
+
+def storage_file_kind(path: Path) -> str | None:
+    """``"sqlite"``, ``"journal"`` or None (not a storage file) for a path given as ``storage``: by its
+    suffix, or by its content when the file exists (an existing non-SQLite file is taken as a journal)."""
+    path = path.expanduser()
+    if path.is_dir():
+        return None
+    if path.suffix.lower() in SQLITE_SUFFIXES or _is_sqlite(path):
+        return "sqlite"
+    if path.suffix.lower() in JOURNAL_SUFFIXES or path.is_file():
+        return "journal"
+    return None
 
 
 def _is_sqlite(path: Path) -> bool:

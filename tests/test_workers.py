@@ -66,8 +66,10 @@ def test_open_storage_picks_the_backend_and_checks_settings(tmp_path):
         open_storage(tmp_path / "y.journal", heartbeat_interval=5, grace_period=5)
     with pytest.raises(InvalidConfigError, match="`heartbeat_interval` must be a positive integer"):
         open_storage(tmp_path / "y.journal", heartbeat_interval=0)
-    with pytest.raises(InvalidConfigError, match="got the directory"):
-        open_storage(tmp_path)
+    with pytest.raises(InvalidConfigError, match="must be a database URL .* or a file ending in .db"):
+        open_storage(tmp_path)  # a directory
+    with pytest.raises(InvalidConfigError, match="must be a database URL"):
+        open_storage("studies/x")  # neither a URL nor a storage file
     with pytest.raises(InvalidConfigError, match="Could not open the study storage"):
         open_storage("nosuchdialect://x")
 
