@@ -41,6 +41,7 @@ from poft_autotune.search.space import RecoveryConfig, SearchSpace, TrialPlan
 from poft_autotune.search.stopping import DominanceMonitor, EarlyStopping
 from poft_autotune.size import checkpoint_size
 from poft_autotune.validate import check_arguments, check_setup, check_study_space, shown_storage
+from poft_autotune.workers import claim, is_dense_trial, open_storage, requeue, trials_done, trials_left
 
 logger = logging.getLogger("poft_autotune")
 
@@ -51,12 +52,19 @@ DEFAULT_STOPPING = EarlyStopping()
 
 
 def _prune_checkpoints(study: optuna.Study, root: Path) -> None:
-    """Delete kept checkpoints of trials that are no longer on the front (keep_checkpoints='front')."""
+    """Delete kept checkpoints of finished trials that are not on the front (keep_checkpoints='front').
+
+    Only finished trials' checkpoints: another worker may have exported its running trial's checkpoint and
+    not yet told the study (a dense checkpoint, ``trial-dense``, is finished once the study has DENSE_ATTR).
+    """
     front = {str(Path(t.user_attrs.get(CHECKPOINT_ATTR, ""))) for t in study.best_trials}
     if not root.is_dir():
         return
+    finished = {f"trial-{t.number}" for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+    if DENSE_ATTR in study.user_attrs:
+        finished.add("trial-dense")
     for path in root.iterdir():
-        if path.is_dir() and path.name.startswith("trial-") and str(path.resolve()) not in front:
+        if path.is_dir() and path.name in finished and str(path.resolve()) not in front:
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -153,9 +161,8 @@ def _study(
     sampler: optuna.samplers.BaseSampler,
     output_dir: Path,
 ) -> optuna.Study:
-    if storage is None:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        storage = f"sqlite:///{output_dir / study_name}.db"
+    given = storage
+    storage = open_storage(storage, default_path=output_dir / f"{study_name}.db")
     directions: list[Literal["minimize", "maximize"]] = [
         "minimize",
         "maximize" if metric.greater_is_better else "minimize",
@@ -170,8 +177,9 @@ def _study(
             sampler=sampler,
             load_if_exists=True,
         )
-    except (ValueError, ImportError, optuna.exceptions.OptunaError, SQLAlchemyError) as exc:
-        raise InvalidConfigError(f"Could not open the study storage {shown_storage(storage)}: {exc}") from exc
+    except (ValueError, ImportError, RuntimeError, optuna.exceptions.OptunaError, SQLAlchemyError) as exc:
+        # RuntimeError: e.g. a PostgreSQL study written by another Optuna version, a storage problem too
+        raise InvalidConfigError(f"Could not open the study storage {shown_storage(given)}: {exc}") from exc
     expected = [optuna.study.StudyDirection.MINIMIZE, optuna.study.StudyDirection[directions[1].upper()]]
     if study.directions != expected:
         raise InvalidConfigError(
@@ -328,6 +336,8 @@ def autotune(
     dense = study.user_attrs.get(DENSE_ATTR)
     if dense is None:
         dense_metric = evaluate_model(base, evaluation, resolved, collator, eval_batch_size)
+    # Workers starting together on a new study all measure the dense model; one of them records it.
+    if dense is None and claim(study, "dense") and DENSE_ATTR not in study.user_attrs:
         size = checkpoint_size(base)
         plan = TrialPlan(compression=(), recovery=RecoveryConfig(steps=0), seed=seed)
         attrs: dict[str, Any] = {}
@@ -355,15 +365,16 @@ def autotune(
                 system_attrs=system_attrs,
             )
         )
-        dense_trial = study.get_trials(deepcopy=False)[-1]
+        dense_trial = [t for t in study.get_trials(deepcopy=False) if is_dense_trial(t)][-1]
         note = trial_note(plan, result, trial_number=dense_trial.number, checkpoint=attrs.get(CHECKPOINT_ATTR))
         save_trial_note(study, dense_trial, note)
         study.set_user_attr(DENSE_ATTR, {"metric": dense_metric, "size_bytes": size.total})
         study.set_user_attr(CONSTRAINTS_ATTR, wanted)
         logger.info("dense baseline: %s=%.4g, %d bytes", resolved.name, dense_metric, size.total)
-    else:
+    elif dense is not None:
         dense_metric = float(dense["metric"])
-    dense_size = int(study.user_attrs[DENSE_ATTR]["size_bytes"])
+    recorded = study.user_attrs.get(DENSE_ATTR)  # None while another worker is still recording it
+    dense_size = int(recorded["size_bytes"]) if recorded else checkpoint_size(base).total
     context = TrialContext(
         base, train, evaluation, resolved, collator, args, dense_metric, eval_batch_size, tokenizer=tokenizer
     )
@@ -373,10 +384,10 @@ def autotune(
     if show_progress:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=n_trials, desc="poft trials", unit="trial")
+        progress = tqdm(total=n_trials, initial=min(n_trials, trials_done(study)[0]), desc="poft trials", unit="trial")
     try:
-        for done in range(n_trials):
-            left = n_trials - done
+        # n_trials is the study's total: a rerun resumes; several workers share it (poft_autotune.workers).
+        while (left := trials_left(study, n_trials)) > 0:
 
             def view(left: int = left) -> StudyView:
                 return StudyView.read(
@@ -416,6 +427,8 @@ def autotune(
             except BaseException as exc:
                 trial.set_user_attr(ERROR_ATTR, f"{type(exc).__name__}: {exc}")
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                if not isinstance(exc, Exception):  # Ctrl-C, SystemExit: the plan is run again on resume
+                    requeue(study, trial, f"stopped by {type(exc).__name__}")
                 raise
             else:
                 _record(trial, plan, result)

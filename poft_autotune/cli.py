@@ -1,7 +1,8 @@
-"""The ``poft-autotune`` command line: demo | run | front | export | dashboard.
+"""The ``poft-autotune`` command line: demo | run | worker | front | export | dashboard.
 
     poft-autotune demo [--trials N] [--steps LOW HIGH] [--out DIR] [--quiet]
     poft-autotune run STUDY.yaml [--quiet]
+    poft-autotune worker STUDY.yaml [--storage STORAGE] [--heartbeat-interval S] [--grace-period S] [--quiet]
     poft-autotune front STORAGE [--study NAME] [--format table|json|markdown]
     poft-autotune export STORAGE --trial N DIR [--study NAME] [--overwrite]
     poft-autotune dashboard STORAGE [--host 127.0.0.1] [--port 8080]
@@ -184,6 +185,37 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_worker(args: argparse.Namespace) -> int:
+    import dataclasses
+    import os
+    import signal
+
+    from poft_autotune.study_config import load_study_config, run_study
+    from poft_autotune.workers import open_storage
+
+    config = load_study_config(args.study_file)
+    if args.storage is not None:
+        config = dataclasses.replace(config, storage=args.storage)
+    if config.storage is None:  # the default SQLite file: create its folder like autotune would
+        config.output_dir.mkdir(parents=True, exist_ok=True)
+    storage = open_storage(
+        config.storage_url, heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period
+    )
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)  # unwinds like Ctrl-C: the running trial is failed and queued again
+
+    signal.signal(signal.SIGTERM, stop)
+    print(
+        f"worker {os.getpid()}: study {config.study_name!r} in {config.storage_url}, until "
+        f"{config.n_trials} trials are done",
+        flush=True,
+    )
+    front = run_study(config, show_progress=not args.quiet, storage=storage)
+    print(_summary(front, config))
+    return 0
+
+
 def _cmd_front(args: argparse.Namespace) -> int:
     from poft_autotune.pareto import ParetoFront
 
@@ -218,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``poft-autotune`` (one subparser per command)."""
     from poft_autotune.dashboard import DEFAULT_HOST, DEFAULT_PORT
     from poft_autotune.demo import DEMO_STEPS, DEMO_TRIALS
+    from poft_autotune.workers import GRACE_PERIOD, HEARTBEAT_INTERVAL
 
     parser = argparse.ArgumentParser(
         prog="poft-autotune",
@@ -254,6 +287,35 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("study_file", metavar="STUDY.yaml", help="the study definition")
     run.add_argument("--quiet", action="store_true", help="no progress bar or per-trial lines")
     run.set_defaults(handler=_cmd_run)
+
+    worker = commands.add_parser(
+        "worker",
+        help="join a study as one of several workers (shared storage)",
+        description="Run trials of the study a YAML file defines until the study has n_trials finished trials, "
+        "together with any other workers on the same storage: a journal file (several processes on one machine, "
+        "e.g. studies/x.journal) or a PostgreSQL URL (several machines). Rerun to resume; a worker that dies "
+        "mid-trial has that trial retried by the others after the grace period.",
+    )
+    worker.add_argument("study_file", metavar="STUDY.yaml", help="the study definition")
+    worker.add_argument(
+        "--storage", help="storage URL or journal/SQLite file path (default: the study file's `storage`)"
+    )
+    worker.add_argument(
+        "--heartbeat-interval",
+        type=_positive_int,
+        default=HEARTBEAT_INTERVAL,
+        metavar="S",
+        help=f"seconds between heartbeats of a running trial (default {HEARTBEAT_INTERVAL})",
+    )
+    worker.add_argument(
+        "--grace-period",
+        type=_positive_int,
+        default=GRACE_PERIOD,
+        metavar="S",
+        help=f"seconds without a heartbeat before a trial is declared lost and retried (default {GRACE_PERIOD})",
+    )
+    worker.add_argument("--quiet", action="store_true", help="no progress bar or per-trial lines")
+    worker.set_defaults(handler=_cmd_worker)
 
     front = commands.add_parser(
         "front",

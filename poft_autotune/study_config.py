@@ -479,9 +479,11 @@ def _load_files(data: FileData) -> tuple[Any, Any]:
     return train, evaluation
 
 
-def run_study(config: StudyConfig, *, show_progress: bool = True) -> ParetoFront:
+def run_study(config: StudyConfig, *, show_progress: bool = True, storage: Any = None) -> ParetoFront:
     """Run the study a definition describes with :func:`poft_autotune.autotune`; returns its front.
 
+    ``storage``: an Optuna storage object to use instead of ``config.storage_url`` (e.g. one with other
+    heartbeat settings, :func:`poft_autotune.workers.open_storage`).
     Example: ``front = run_study(load_study_config("studies/demo.yaml"))``.
     """
     from poft_autotune.autotune import autotune
@@ -510,7 +512,8 @@ def run_study(config: StudyConfig, *, show_progress: bool = True) -> ParetoFront
             greater_is_better=config.greater_is_better,
             n_trials=config.n_trials,
             space=config.space,
-            storage=config.storage,  # None: <output_dir>/<study_name>.db, as storage_url says
+            # None: <output_dir>/<study_name>.db, as storage_url says; an object (e.g. `worker`'s) as given
+            storage=config.storage if storage is None else storage,
             study_name=config.study_name,
             seed=config.seed,
             training_args=config.training.arguments(scratch),

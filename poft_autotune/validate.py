@@ -93,9 +93,18 @@ def check_storage(storage: Any) -> None:
     """A URL that parses, and for SQLite a file whose folder exists; the database is not contacted here."""
     if storage is None or isinstance(storage, optuna.storages.BaseStorage):
         return
+    from poft_autotune.workers import storage_file_kind
+
+    if isinstance(storage, os.PathLike) or (isinstance(storage, str) and "://" not in storage):
+        # a file: SQLite (.db) or a journal file for several workers (poft_autotune.workers.open_storage)
+        if storage_file_kind(Path(storage)) is not None:
+            return
+        if isinstance(storage, os.PathLike):
+            storage = os.fspath(storage)
     if not isinstance(storage, str):
         raise InvalidConfigError(
-            f"`storage` must be a database URL, an optuna storage object or None, got {type(storage).__name__}."
+            f"`storage` must be a database URL, a file path, an optuna storage object or None, got "
+            f"{type(storage).__name__}."
         )
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
@@ -105,7 +114,8 @@ def check_storage(storage: Any) -> None:
     except (ArgumentError, ValueError):
         raise InvalidConfigError(
             f"`storage` must be a database URL such as 'sqlite:///studies/poft.db' or "
-            f"'postgresql://user:password@host/db', got {storage!r}."
+            f"'postgresql://user:password@host/db', or a file ending in .db (SQLite) or .journal (several workers "
+            f"on one machine), got {storage!r}."
         ) from None
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         folder = Path(str(url.database)).expanduser().absolute().parent

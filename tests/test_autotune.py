@@ -107,6 +107,7 @@ def test_llama_numbers_match_rerunning_the_stored_plan(llama_study, tmp_path):
 
 
 def test_resume_adds_trials_without_reevaluating_dense(llama_study, monkeypatch):
+    """n_trials is the study's total: a rerun with a larger budget adds the difference, the same budget nothing."""
     model, train, evaluation, storage, _, tmp = llama_study
     import sys
 
@@ -114,18 +115,19 @@ def test_resume_adds_trials_without_reevaluating_dense(llama_study, monkeypatch)
     calls = []
     real = module.evaluate_model
     monkeypatch.setattr(module, "evaluate_model", lambda *a, **k: calls.append(1) or real(*a, **k))
-    autotune(
-        model,
-        train,
-        evaluation,
-        n_trials=1,
-        space=SPACE,
-        storage=storage,
-        study_name="llama",
-        training_args=tiny_training_args(str(tmp / "out")),
-        output_dir=tmp,
-        show_progress=False,
-    )
+    for _ in range(2):
+        autotune(
+            model,
+            train,
+            evaluation,
+            n_trials=6,
+            space=SPACE,
+            storage=storage,
+            study_name="llama",
+            training_args=tiny_training_args(str(tmp / "out")),
+            output_dir=tmp,
+            show_progress=False,
+        )
     study = optuna.load_study(study_name="llama", storage=storage)
     assert len(study.trials) == 7 and calls == []
     assert sum(1 for t in study.trials if not t.user_attrs[PLAN_ATTR]["compression"]) == 1

@@ -45,7 +45,7 @@ def study(tmp_path_factory):
     return f"sqlite:///{tmp}/tiny.db", tmp / "tiny.db", tmp
 
 
-@pytest.mark.parametrize("command", ["demo", "run", "front", "export", "dashboard"])
+@pytest.mark.parametrize("command", ["demo", "run", "worker", "front", "export", "dashboard"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main([command, "--help"])

@@ -230,6 +230,15 @@ def _evaluate(model: nn.Module, context: TrialContext) -> float:
     return evaluate_model(model, context.eval_set(), context.metric)
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure: ``MemoryError``, CUDA's ``torch.OutOfMemoryError``, or the
+    ``RuntimeError`` torch's CPU allocator raises ("can't allocate memory")."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
 def run_trial(
     plan: TrialPlan,
     context: TrialContext,
@@ -242,12 +251,20 @@ def run_trial(
     With ``export_dir`` the shipped checkpoint is written there (``export_model``) and its bytes on
     disk are checked against the size; under data parallel (``torchrun``) only the main process writes
     it (every rank holds the same model). ``monitor`` sees the size and the learning curve and may stop
-    the trial (``optuna.TrialPruned``). Raises ``TrialFailedError`` when recovery diverges. Runs with
-    ``resolve_threads(context.threads)`` CPU threads; each phase is a ``torch.profiler`` range
+    the trial (``optuna.TrialPruned``). Raises ``TrialFailedError`` when recovery diverges, when a
+    compression method raises, or when the trial runs out of memory (the study records it and goes on).
+    Runs with ``resolve_threads(context.threads)`` CPU threads; each phase is a ``torch.profiler`` range
     (``poft.compress``, ``poft.eval_compressed``, ``poft.recover``, ...) for profiling.
     """
     with torch_threads(resolve_threads(context.threads)):
-        return _run_trial(plan, context, export_dir, monitor)
+        try:
+            return _run_trial(plan, context, export_dir, monitor)
+        except Exception as exc:
+            if isinstance(exc, PoftError) or not is_out_of_memory(exc):
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # what this trial held is garbage now; give it back for the next one
+            raise TrialFailedError(f"out of memory: {type(exc).__name__}: {exc}") from exc
 
 
 def _run_trial(
@@ -263,7 +280,14 @@ def _run_trial(
             calibration = None
             if any(config.needs_calibration for config in plan.compression):
                 calibration = context.calibration()
-            compress_(model, plan.compression, calibration=calibration)
+            try:
+                compress_(model, plan.compression, calibration=calibration)
+            except PoftError:
+                raise
+            except Exception as exc:  # a method's own failure ends this trial, not the study
+                if is_out_of_memory(exc):
+                    raise
+                raise TrialFailedError(f"compression failed: {type(exc).__name__}: {exc}") from exc
     timings["compress_s"] = time.perf_counter() - start
     if monitor is not None:
         monitor.start(checkpoint_size(model).total)

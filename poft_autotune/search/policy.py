@@ -25,6 +25,7 @@ import optuna
 from poft_autotune.errors import InvalidConfigError
 from poft_autotune.pareto import PLAN_ATTR, RESULT_ATTR
 from poft_autotune.search.space import SearchSpace, TrialPlan, check_plan, suggest_plan
+from poft_autotune.workers import ask, plan_seed
 
 RATIONALE_ATTR = "rationale"  # why the trial was run (shown in the dashboard note)
 KIND_ATTR = "proposal"  # probe | recover | push | tune | promote | sampler
@@ -381,11 +382,11 @@ def _ask_once(
         except InvalidConfigError as exc:
             raise InvalidConfigError(f"Policy {policy.name!r} proposed a plan outside the search space: {exc}") from exc
         study.enqueue_trial(proposal.plan.to_params(), user_attrs=proposal.user_attrs(policy.name))
-    trial = study.ask()
+    trial = ask(study)  # with a heartbeat, so a worker that dies on it has the trial retried
     with warnings.catch_warnings():
         # A proposal may leave the sampler's ranges on purpose (a probe has 0 recovery steps).
         warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range")
-        drawn = suggest_plan(trial, space, seed=seed + trial.number)
+        drawn = suggest_plan(trial, space, seed=plan_seed(trial, seed))
     stored = trial.user_attrs.get(PLAN_ATTR)
     if stored is None:  # the sampler's draw
         trial.set_user_attr(KIND_ATTR, "sampler")
@@ -395,6 +396,6 @@ def _ask_once(
         )
         plan = drawn
     else:  # enqueued by a policy (ours or another worker's): the stored plan is the one to run
-        plan = dataclasses.replace(TrialPlan.from_dict(stored), seed=seed + trial.number)
+        plan = dataclasses.replace(TrialPlan.from_dict(stored), seed=plan_seed(trial, seed))
     trial.set_user_attr(PLAN_ATTR, plan.to_dict())
     return trial, plan
