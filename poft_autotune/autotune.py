@@ -322,6 +322,18 @@ def autotune(
     name = study_name or "poft"
     out = Path(output_dir)
     study = _study(storage, name, resolved, chosen.sampler(seed), out)
+    # Optuna samplers are seeded per process. A resumed run must not redraw its first draws, and workers
+    # sharing a study must not draw in lockstep (the same plans twice): offset the seed by the trials
+    # already stored, and by the process id on storages built for several processes (journal, RDB
+    # servers). A single process on SQLite stays reproducible for a given seed and history.
+    if storage is None or isinstance(storage, (str, os.PathLike)):
+        text = "" if storage is None else str(storage)
+        shared = bool(text) and not (text.startswith("sqlite:") or text.endswith(".db"))
+    else:
+        shared = True  # a storage object: the caller may share it
+    offset = len(study.get_trials(deepcopy=False)) + (os.getpid() if shared else 0)
+    if offset:
+        study.sampler = chosen.sampler(seed + offset)
     stored_constraints = study.user_attrs.get(CONSTRAINTS_ATTR)
     wanted = dataclasses.asdict(constraints)
     if stored_constraints is not None and stored_constraints != wanted:
@@ -431,12 +443,20 @@ def autotune(
                     requeue(study, trial, f"stopped by {type(exc).__name__}")
                 raise
             else:
-                _record(trial, plan, result)
-                for key, value in constraints.values(result.size_bytes, result.retained).items():
-                    trial.set_constraint(key, value)
-                if export_dir is not None:
-                    trial.set_user_attr(CHECKPOINT_ATTR, str(export_dir.resolve()))
-                study.tell(trial, [result.size_bytes, result.recovered_metric])
+                try:
+                    _record(trial, plan, result)
+                    for key, value in constraints.values(result.size_bytes, result.retained).items():
+                        trial.set_constraint(key, value)
+                    if export_dir is not None:
+                        trial.set_user_attr(CHECKPOINT_ATTR, str(export_dir.resolve()))
+                    study.tell(trial, [result.size_bytes, result.recovered_metric])
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    # This worker's heartbeat stalled past the grace period: another process declared the
+                    # trial lost and queued its plan again. Drop this result; the retry records it.
+                    if export_dir is not None:
+                        shutil.rmtree(export_dir, ignore_errors=True)
+                    logger.warning("trial %d was declared lost while it ran; its result is dropped", trial.number)
+                    continue
                 if keep_checkpoints == "front":
                     _prune_checkpoints(study, checkpoints)
                 kept = export_dir is not None and export_dir.is_dir()  # "front" may have just deleted it
