@@ -238,3 +238,41 @@ class InvariantChecker(TrainerCallback):
                     self._check(
                         "ranks", torch.equal(reference, tensor), f"rank {args.process_index}: {name} {kind} != rank 0's"
                     )
+
+
+def csv_study(root: Any, **overrides: Any) -> dict[str, Any]:
+    """Write a tiny saved classifier (``root/model``) and train/eval CSV reviews (``root/data``) and return a
+    study definition for them (quantize only, a few steps), updated with ``overrides``; for CLI tests."""
+    import random
+    from pathlib import Path
+
+    root = Path(root)
+    if not (root / "model").exists():
+        save_tiny_text_classifier(root / "model")
+    (root / "data").mkdir(exist_ok=True)
+    for name, n, seed in (("train", 48, 0), ("eval", 24, 1)):
+        rng = random.Random(seed)
+        lines = ["review,sentiment"]
+        for _ in range(n):
+            positive = rng.random() < 0.5
+            words = rng.choices(REVIEW_WORDS[:4] if positive else REVIEW_WORDS[4:8], k=3)
+            lines.append(f"the film was very {' '.join(words)},{'pos' if positive else 'neg'}")
+        (root / "data" / f"{name}.csv").write_text("\n".join(lines) + "\n")
+    definition: dict[str, Any] = {
+        "model": "model",
+        "data": {
+            "train": "data/train.csv",
+            "eval": "data/eval.csv",
+            "text_column": "review",
+            "label_column": "sentiment",
+        },
+        "metric": "accuracy",
+        "methods": ["quantize"],
+        "space": {"steps": [2, 3], "learning_rate": "1e-4", "lora_rank": [0]},
+        "n_trials": 2,
+        "study_name": "local",
+        "output_dir": "out",
+        "training": {"batch_size": 8, "max_length": 16, "eval_batch_size": 16, "use_cpu": True},
+    }
+    definition.update(overrides)
+    return definition

@@ -14,15 +14,13 @@ from poft_autotune.demo import DEMO_STEPS, DEMO_TRIALS, demo_config
 from poft_autotune.export import weight_bytes
 from poft_autotune.study_config import load_study_config, parse_study_config
 from poft_autotune.testing import (
-    REVIEW_WORDS,
     classification_dataset,
-    save_tiny_text_classifier,
+    csv_study,
     tiny_bert,
     tiny_training_args,
 )
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = REVIEW_WORDS
 
 
 @pytest.fixture(scope="module")
@@ -104,42 +102,10 @@ def test_dashboard_binds_loopback_and_prints_the_url(study, monkeypatch, capsys)
     assert f"http://127.0.0.1:{served[0][1]}/dashboard/" in capsys.readouterr().out
 
 
-def _csv(path, n, seed):
-    import random
-
-    rng = random.Random(seed)
-    lines = ["review,sentiment"]
-    for _ in range(n):
-        positive = rng.random() < 0.5
-        words = rng.choices(WORDS[:4] if positive else WORDS[4:8], k=3)
-        lines.append(f"the film was very {' '.join(words)},{'pos' if positive else 'neg'}")
-    path.write_text("\n".join(lines) + "\n")
-
-
 @pytest.fixture
 def local_study(tmp_path):
     """A study directory with a tiny saved classifier, two CSV files and a valid definition."""
-    save_tiny_text_classifier(tmp_path / "model")
-    (tmp_path / "data").mkdir()
-    _csv(tmp_path / "data" / "train.csv", 48, 0)
-    _csv(tmp_path / "data" / "eval.csv", 24, 1)
-    definition = {
-        "model": "model",
-        "data": {
-            "train": "data/train.csv",
-            "eval": "data/eval.csv",
-            "text_column": "review",
-            "label_column": "sentiment",
-        },
-        "metric": "accuracy",
-        "methods": ["quantize"],
-        "space": {"steps": [2, 3], "learning_rate": "1e-4", "lora_rank": [0]},
-        "n_trials": 2,
-        "study_name": "local",
-        "output_dir": "out",
-        "training": {"batch_size": 8, "max_length": 16, "eval_batch_size": 16, "use_cpu": True},
-    }
-    return tmp_path, definition
+    return tmp_path, csv_study(tmp_path)
 
 
 def test_run_a_yaml_study_on_local_csv(local_study, capsys):

@@ -31,7 +31,7 @@ from poft_autotune.compression.base import CompressionConfig
 from poft_autotune.errors import InvalidConfigError
 from poft_autotune.pareto import PLAN_ATTR
 from poft_autotune.search.space import SearchSpace
-from poft_autotune.testing import lm_dataset, save_tiny_text_classifier, tiny_llama, tiny_training_args
+from poft_autotune.testing import csv_study, lm_dataset, tiny_llama, tiny_training_args
 from poft_autotune.workers import (
     FAILED_TRIAL_ATTR,
     HEARTBEAT_ATTR,
@@ -46,9 +46,6 @@ from poft_autotune.workers import (
     plan_seed,
     trials_done,
 )
-
-WORDS = ("great", "superb", "wonderful", "lovely", "awful", "boring", "dreadful", "poor")
-
 
 # --------------------------------------------------------------------------------------------- storage
 
@@ -158,45 +155,18 @@ def test_claim_has_exactly_one_winner_among_simultaneous_contenders(tmp_path):
 # ------------------------------------------------------------------------------------- worker processes
 
 
-def _csv(path, n, seed):
-    import random
-
-    rng = random.Random(seed)
-    lines = ["review,sentiment"]
-    for _ in range(n):
-        positive = rng.random() < 0.5
-        words = rng.choices(WORDS[:4] if positive else WORDS[4:], k=3)
-        lines.append(f"the film was very {' '.join(words)},{'pos' if positive else 'neg'}")
-    path.write_text("\n".join(lines) + "\n")
-
-
 def _study_file(tmp_path, *, n_trials, steps, name="w"):
     """A YAML study on a tiny saved classifier and CSV files; quantize only, full fine-tune."""
-    if not (tmp_path / "model").exists():
-        save_tiny_text_classifier(tmp_path / "model")
-        (tmp_path / "data").mkdir()
-        _csv(tmp_path / "data" / "train.csv", 48, 0)
-        _csv(tmp_path / "data" / "eval.csv", 24, 1)
-    definition = {
-        "model": "model",
-        "data": {
-            "train": "data/train.csv",
-            "eval": "data/eval.csv",
-            "text_column": "review",
-            "label_column": "sentiment",
-        },
-        "metric": "accuracy",
-        "methods": ["quantize"],
-        "space": {"steps": list(steps), "learning_rate": [1e-4, 1e-4], "lora_rank": [0], "distill_weight": [0, 0]},
-        "n_trials": n_trials,
-        "policy": "random",  # no policy proposals in the queue: the test's own plans and retries run in order
-        "early_stopping": False,
-        "promote": False,
-        "study_name": name,
-        "output_dir": "out",
-        "keep_checkpoints": "all",
-        "training": {"batch_size": 8, "max_length": 16, "eval_batch_size": 16, "use_cpu": True},
-    }
+    definition = csv_study(
+        tmp_path,
+        space={"steps": list(steps), "learning_rate": [1e-4, 1e-4], "lora_rank": [0], "distill_weight": [0, 0]},
+        n_trials=n_trials,
+        policy="random",  # no policy proposals in the queue: the test's own plans and retries run in order
+        early_stopping=False,
+        promote=False,
+        study_name=name,
+        keep_checkpoints="all",
+    )
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(definition))
     return path
